@@ -16,5 +16,11 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+demo: install
+	$(PY) scripts/demo.py $(if $(DATA),--data $(DATA))
+
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf demo-output bench-output .pytest_cache
