@@ -1,0 +1,846 @@
+"""Redis storage of jobs, runs, curves, events, quotas, API keys and workers.
+
+The API process and the worker each create one ``Store`` (``Store.from_settings``
+or ``Store.from_url``); both read and write the same keys, all of them defined
+here. Every key starts with ``lrfinder:`` and expires: job keys after
+``settings.result_ttl_days`` (the lifetime is renewed on every write), the
+others as listed.
+
+Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
+
+    job:{id}                hash: spec (JSON), status, owner, created_at,
+                            started_at, finished_at, worker, device, reason,
+                            error, attempts, partial ("1"/"0"), data (JSON);
+                            a field that is None is absent
+    job:{id}:runs           hash: run name -> RunState JSON
+    job:{id}:points:{run}   list of Point JSON, appended in batches
+    job:{id}:events         stream, MAXLEN ~ 20000, fields type and data (JSON);
+                            types: status, progress, points, run, end
+    job:{id}:cancel         string "1" once a cancellation was requested
+    job:{id}:heartbeat      string JSON {worker, time}, expires after
+                            settings.heartbeat_timeout_s unless refreshed
+    job:{id}:lock           string: token of the execution that holds the job,
+                            set with NX and PX settings.heartbeat_timeout_s
+    jobs                    sorted set: job id scored by created_at
+    jobs:owner:{owner}      sorted set: the same, per owner
+    jobs:running            sorted set: running job ids scored by started_at,
+                            scanned for jobs whose worker went silent
+    active:{owner}          set of the owner's queued and running job ids
+    apikeys                 hash: sha256(key) hex -> JSON {name, role,
+                            created_at, revoked}; expires API_KEY_TTL_S after
+                            the last key was added or used
+    rate:{owner}:{minute}   counter of submissions in one minute, 120 s
+    worker:{name}           string JSON {name, host, pid, device, queue,
+                            started, time}; expires WORKER_TTL_S after the
+                            worker's last refresh
+
+A job's ``attempts`` counts the executions that started and may count towards
+``settings.max_attempts``; a graceful re-queue (SIGTERM) gives its attempt back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from lrfinder.jobs import (
+    FINAL_JOB_STATUSES,
+    DataReport,
+    Job,
+    Point,
+    RunState,
+)
+from lrfinder.settings import Settings, get_settings
+from lrfinder.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "lrfinder:"
+EVENTS_MAXLEN = 20_000
+WORKER_TTL_S = 30
+API_KEY_TTL_S = 365 * 24 * 3600
+RATE_WINDOW_TTL_S = 120
+NO_OWNER = "-"
+
+EVENT_TYPES = ("status", "progress", "points", "run", "end")
+# Job fields whose values are floats or ints when read back.
+_FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
+
+# Give back the lock only while this execution still holds it.
+_RELEASE_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+_REFRESH_LOCK = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class StoreError(Exception):
+    """A job is missing or not in a state that allows the requested change."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's event stream; ``id`` is the SSE event id."""
+
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+def hash_api_key(key: str) -> str:
+    """Return the hex SHA-256 of an API key, the form the store keeps."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_job_id() -> str:
+    """Return a fresh, unguessable job id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def _log_retry(error: Exception) -> bool:
+    logger.warning(
+        "redis command failed (%s: %s); retrying", type(error).__name__, error
+    )
+    return True
+
+
+def connect(url: str, *, retries: int = 3, max_backoff_s: float = 2.0) -> redis.Redis:
+    """Open a Redis client that retries failed connections with backoff.
+
+    Args:
+        url: Redis URL, for example ``redis://127.0.0.1:6379/0``.
+        retries: Retries of one command after a connection error or timeout.
+        max_backoff_s: Largest pause between two retries, seconds.
+    """
+    retry = Retry(
+        ExponentialWithJitterBackoff(cap=max_backoff_s, base=0.05),
+        retries,
+        is_retryable=_log_retry,
+    )
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=retry,
+        socket_connect_timeout=5.0,
+        socket_timeout=10.0,
+        health_check_interval=30,
+    )
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _owner_part(owner: str | None) -> str:
+    return owner or NO_OWNER
+
+
+class Store:
+    """Reads and writes jobs and their curves in Redis.
+
+    Args:
+        client: A ``redis.Redis`` created with ``decode_responses=True``.
+        ttl_s: Lifetime of job keys after their last write, seconds.
+        heartbeat_timeout_s: Lifetime of a job heartbeat and lock, seconds.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_s: float = 30 * 86400,
+        heartbeat_timeout_s: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.ttl_s = int(ttl_s)
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._release_lock = client.register_script(_RELEASE_LOCK)
+        self._refresh_lock = client.register_script(_REFRESH_LOCK)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | None = None, *, retries: int = 3
+    ) -> Store:
+        """Create a store for ``settings.redis_url`` with its TTLs."""
+        settings = settings or get_settings()
+        return cls(
+            connect(settings.redis_url, retries=retries),
+            ttl_s=settings.result_ttl_days * 86400,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        )
+
+    @classmethod
+    def from_url(
+        cls, url: str, settings: Settings | None = None, *, retries: int = 3
+    ) -> Store:
+        """Create a store for ``url``, with the TTLs of ``settings``."""
+        settings = (settings or get_settings()).model_copy(update={"redis_url": url})
+        return cls.from_settings(settings, retries=retries)
+
+    def ping(self) -> bool:
+        """Return True when Redis answers; raise redis.ConnectionError when down."""
+        return bool(self.client.ping())
+
+    def close(self) -> None:
+        self.client.close()
+
+    # Key names.
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        """Return the full key name for ``parts``, e.g. key("job", id)."""
+        return PREFIX + ":".join(parts)
+
+    def job_key(self, job_id: str, *suffix: str) -> str:
+        return self.key("job", job_id, *suffix)
+
+    def points_key(self, job_id: str, run_name: str) -> str:
+        return self.job_key(job_id, "points", run_name)
+
+    def _expire_job_keys(self, pipe: Any, job_id: str, *suffixes: str) -> None:
+        pipe.expire(self.job_key(job_id), self.ttl_s)
+        for suffix in suffixes:
+            pipe.expire(self.job_key(job_id, suffix), self.ttl_s)
+
+    # Job creation and reads.
+
+    def create_job(
+        self,
+        spec: JobSpec,
+        *,
+        owner: str | None = None,
+        job_id: str | None = None,
+        now: float | None = None,
+    ) -> Job:
+        """Store a new queued job with one pending run per (batch size, repeat)."""
+        job_id = job_id or new_job_id()
+        created_at = now if now is not None else _now()
+        fields = {
+            "spec": spec.model_dump_json(),
+            "status": "queued",
+            "owner": owner or "",
+            "created_at": repr(created_at),
+            "attempts": "0",
+            "partial": "0",
+        }
+        runs = {
+            key.name: RunState(
+                batch_size=key.batch_size,
+                repeat=key.repeat,
+                num_iter=spec.sweep.num_iter,
+            ).model_dump_json()
+            for key in spec.run_keys()
+        }
+        pipe = self.client.pipeline()
+        pipe.hset(self.job_key(job_id), mapping=fields)
+        pipe.hset(self.job_key(job_id, "runs"), mapping=runs)
+        self._index_job(pipe, job_id, owner, created_at)
+        self._add_event(pipe, job_id, "status", {"status": "queued"})
+        self._expire_job_keys(pipe, job_id, "runs", "events")
+        pipe.execute()
+        return self.get_job(job_id)  # type: ignore[return-value]
+
+    def _index_job(
+        self, pipe: Any, job_id: str, owner: str | None, created_at: float
+    ) -> None:
+        owner_part = _owner_part(owner)
+        for index_key in (self.key("jobs"), self.key("jobs", "owner", owner_part)):
+            pipe.zadd(index_key, {job_id: created_at})
+            pipe.expire(index_key, self.ttl_s)
+        pipe.sadd(self.key("active", owner_part), job_id)
+        pipe.expire(self.key("active", owner_part), self.ttl_s)
+
+    def get_job(self, job_id: str) -> Job | None:
+        """Return the job with its runs, or None when it does not exist."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.job_key(job_id))
+        pipe.hgetall(self.job_key(job_id, "runs"))
+        fields, runs = pipe.execute()
+        if not fields:
+            return None
+        return self._job_from_fields(job_id, fields, runs)
+
+    def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """Return the jobs that still exist among ``job_ids``, in that order."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.job_key(job_id))
+            pipe.hgetall(self.job_key(job_id, "runs"))
+        replies = pipe.execute()
+        jobs = []
+        for index, job_id in enumerate(job_ids):
+            fields, runs = replies[2 * index], replies[2 * index + 1]
+            if fields:
+                jobs.append(self._job_from_fields(job_id, fields, runs))
+        return jobs
+
+    @staticmethod
+    def _job_from_fields(
+        job_id: str, fields: dict[str, str], runs: dict[str, str]
+    ) -> Job:
+        values: dict[str, Any] = {
+            "id": job_id,
+            "status": fields["status"],
+            "spec": JobSpec.model_validate_json(fields["spec"]),
+            "owner": fields.get("owner") or None,
+            "attempts": int(fields.get("attempts", "0")),
+            "partial": fields.get("partial") == "1",
+        }
+        for name in _FLOAT_FIELDS:
+            if fields.get(name):
+                values[name] = float(fields[name])
+        for name in ("worker", "device", "reason", "error"):
+            if fields.get(name):
+                values[name] = fields[name]
+        if fields.get("data"):
+            values["data"] = DataReport.model_validate_json(fields["data"])
+        states = [RunState.model_validate_json(text) for text in runs.values()]
+        values["runs"] = _order_runs(
+            JobSpec.model_validate_json(fields["spec"]), states
+        )
+        return Job(**values)
+
+    def get_status(self, job_id: str) -> str | None:
+        """Return the job's status, or None when it does not exist."""
+        return self.client.hget(self.job_key(job_id), "status")
+
+    def get_owner(self, job_id: str) -> str | None:
+        """Return the job's owner ("" for none), or None when the job does not exist."""
+        return self.client.hget(self.job_key(job_id), "owner")
+
+    def get_field(self, job_id: str, name: str) -> str | None:
+        return self.client.hget(self.job_key(job_id), name)
+
+    def list_jobs(
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+        all_owners: bool = False,
+    ) -> tuple[list[Job], int]:
+        """Return one page of jobs, newest first, and the number that match.
+
+        With ``all_owners`` the listing covers every owner (an admin view);
+        otherwise only ``owner``'s jobs.
+        """
+        index_key = self.key("jobs")
+        if not all_owners:
+            index_key = self.key("jobs", "owner", _owner_part(owner))
+        self._prune_index(index_key)
+        job_ids: list[str] = self.client.zrevrange(index_key, 0, -1)
+        if status is not None:
+            job_ids = self._filter_by_status(job_ids, status)
+        page = job_ids[offset : offset + limit]
+        return self.get_jobs(page), len(job_ids)
+
+    def _prune_index(self, index_key: str) -> None:
+        # Jobs older than the TTL have expired; their ids would only cost reads.
+        self.client.zremrangebyscore(index_key, "-inf", _now() - self.ttl_s)
+
+    def _filter_by_status(self, job_ids: list[str], status: str) -> list[str]:
+        # NOTE: reads every listed job's status; fine for thousands of jobs,
+        # per-status indexes would be needed for millions.
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.job_key(job_id), "status")
+        statuses = pipe.execute()
+        return [job_id for job_id, value in zip(job_ids, statuses) if value == status]
+
+    def count_by_status(self) -> dict[str, int]:
+        """Return the number of stored jobs in each status (for metrics)."""
+        index_key = self.key("jobs")
+        self._prune_index(index_key)
+        job_ids = self.client.zrange(index_key, 0, -1)
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.job_key(job_id), "status")
+        counts: dict[str, int] = {}
+        for status in pipe.execute():
+            if status:
+                counts[status] = counts.get(status, 0) + 1
+        return counts
+
+    # Runs and points.
+
+    def get_runs(self, job_id: str) -> dict[str, RunState]:
+        """Return the job's run states by run name."""
+        runs = self.client.hgetall(self.job_key(job_id, "runs"))
+        return {name: RunState.model_validate_json(text) for name, text in runs.items()}
+
+    def put_run(self, job_id: str, run_name: str, state: RunState) -> None:
+        """Replace one run's state and emit a "run" event."""
+        pipe = self.client.pipeline()
+        pipe.hset(self.job_key(job_id, "runs"), run_name, state.model_dump_json())
+        self._add_event(pipe, job_id, "run", _run_event(run_name, state))
+        self._expire_job_keys(pipe, job_id, "runs", "events")
+        pipe.execute()
+
+    def get_points(self, job_id: str, run_name: str, start: int = 0) -> list[Point]:
+        """Return one run's points from index ``start`` on."""
+        texts = self.client.lrange(self.points_key(job_id, run_name), start, -1)
+        return [Point.model_validate_json(text) for text in texts]
+
+    def get_all_points(
+        self, job_id: str, run_names: Iterable[str]
+    ) -> dict[str, list[Point]]:
+        """Return the points of several runs in one round trip."""
+        names = list(run_names)
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.lrange(self.points_key(job_id, name), 0, -1)
+        replies = pipe.execute()
+        return {
+            name: [Point.model_validate_json(text) for text in texts]
+            for name, texts in zip(names, replies)
+        }
+
+    def count_points(self, job_id: str, run_name: str) -> int:
+        return int(self.client.llen(self.points_key(job_id, run_name)))
+
+    def record_progress(
+        self,
+        job_id: str,
+        run_name: str,
+        points: Sequence[Point],
+        state: RunState,
+    ) -> None:
+        """Append a batch of points and the run's new state in one round trip.
+
+        Emits a "points" event with the batch and a "progress" event with the
+        run's step, so that a stream reader sees both in order.
+        """
+        pipe = self.client.pipeline()
+        points_key = self.points_key(job_id, run_name)
+        if points:
+            pipe.rpush(points_key, *(point.model_dump_json() for point in points))
+            pipe.expire(points_key, self.ttl_s)
+            batch = [point.model_dump(mode="json") for point in points]
+            self._add_event(pipe, job_id, "points", {"run": run_name, "points": batch})
+        pipe.hset(self.job_key(job_id, "runs"), run_name, state.model_dump_json())
+        progress = {"run": run_name, "step": state.step, "num_iter": state.num_iter}
+        if points:
+            progress["loss"] = points[-1].loss
+            progress["lr"] = points[-1].lr
+        self._add_event(pipe, job_id, "progress", progress)
+        self._expire_job_keys(pipe, job_id, "runs", "events")
+        pipe.execute()
+
+    def reset_run(self, job_id: str, run_name: str, state: RunState) -> None:
+        """Drop a run's earlier points and store its new state (a restart)."""
+        pipe = self.client.pipeline()
+        pipe.delete(self.points_key(job_id, run_name))
+        pipe.hset(self.job_key(job_id, "runs"), run_name, state.model_dump_json())
+        self._add_event(pipe, job_id, "run", _run_event(run_name, state, reset=True))
+        self._expire_job_keys(pipe, job_id, "runs", "events")
+        pipe.execute()
+
+    def set_data_report(self, job_id: str, report: DataReport) -> None:
+        self.client.hset(self.job_key(job_id), "data", report.model_dump_json())
+
+    # Events.
+
+    def _add_event(
+        self, pipe: Any, job_id: str, event_type: str, data: dict[str, Any]
+    ) -> None:
+        pipe.xadd(
+            self.job_key(job_id, "events"),
+            {"type": event_type, "data": json.dumps(data)},
+            maxlen=EVENTS_MAXLEN,
+            approximate=True,
+        )
+
+    def add_event(self, job_id: str, event_type: str, data: dict[str, Any]) -> str:
+        """Append one event to the job's stream and return its id."""
+        if event_type not in EVENT_TYPES:
+            raise ValueError(
+                f"event type {event_type!r} is invalid: use one of {EVENT_TYPES}"
+            )
+        pipe = self.client.pipeline()
+        self._add_event(pipe, job_id, event_type, data)
+        self._expire_job_keys(pipe, job_id, "events")
+        return pipe.execute()[0]
+
+    def read_events(
+        self,
+        job_id: str,
+        after: str = "0-0",
+        *,
+        count: int = 500,
+        block_ms: int | None = None,
+    ) -> list[Event]:
+        """Return up to ``count`` events after the stream id ``after``.
+
+        With ``block_ms`` the call waits that long for a first new event;
+        ``after="$"`` waits for events newer than the call.
+        """
+        stream = self.job_key(job_id, "events")
+        reply = self.client.xread({stream: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        return [
+            Event(id=entry_id, type=fields["type"], data=json.loads(fields["data"]))
+            for entry_id, fields in entries
+        ]
+
+    # Status transitions.
+
+    def mark_running(
+        self, job_id: str, *, worker: str, device: str, max_attempts: int
+    ) -> str:
+        """Move a queued (or abandoned running) job to running.
+
+        Returns the job's status afterwards: "running" when this execution
+        may run it; anything else means it must not run. A job whose
+        executions already reached ``max_attempts`` is failed as
+        ``worker_lost`` instead. The caller holds the job's lock.
+        """
+
+        def transition(pipe: Any) -> str:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if not fields:
+                raise StoreError(f"job {job_id!r} not found")
+            status = fields["status"]
+            if status in FINAL_JOB_STATUSES:
+                return status
+            attempts = int(fields.get("attempts", "0"))
+            pipe.multi()
+            if attempts >= max_attempts:
+                self._finish(
+                    pipe,
+                    job_id,
+                    fields,
+                    "failed",
+                    "worker_lost",
+                    _lost_message(attempts),
+                )
+                return "failed"
+            self._start(pipe, job_id, worker, device, attempts + 1)
+            return "running"
+
+        return self.client.transaction(
+            transition, self.job_key(job_id), value_from_callable=True
+        )
+
+    def _start(
+        self, pipe: Any, job_id: str, worker: str, device: str, attempts: int
+    ) -> None:
+        started_at = _now()
+        pipe.hset(
+            self.job_key(job_id),
+            mapping={
+                "status": "running",
+                "worker": worker,
+                "device": device,
+                "started_at": repr(started_at),
+                "attempts": str(attempts),
+            },
+        )
+        pipe.zadd(self.key("jobs", "running"), {job_id: started_at})
+        pipe.expire(self.key("jobs", "running"), self.ttl_s)
+        event = {
+            "status": "running",
+            "worker": worker,
+            "device": device,
+            "attempts": attempts,
+        }
+        self._add_event(pipe, job_id, "status", event)
+        self._expire_job_keys(pipe, job_id, "events")
+
+    def finish_job(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        partial: bool = False,
+    ) -> bool:
+        """Set a final status; return False when the job had one already."""
+        if status not in FINAL_JOB_STATUSES:
+            raise ValueError(
+                f"status {status!r} is not final: use one of {sorted(FINAL_JOB_STATUSES)}"
+            )
+
+        def transition(pipe: Any) -> bool:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if not fields:
+                raise StoreError(f"job {job_id!r} not found")
+            if fields["status"] in FINAL_JOB_STATUSES:
+                return False
+            pipe.multi()
+            self._finish(pipe, job_id, fields, status, reason, error, partial)
+            return True
+
+        return self.client.transaction(
+            transition, self.job_key(job_id), value_from_callable=True
+        )
+
+    def _finish(
+        self,
+        pipe: Any,
+        job_id: str,
+        fields: dict[str, str],
+        status: str,
+        reason: str | None,
+        error: str | None,
+        partial: bool = False,
+    ) -> None:
+        values = {
+            "status": status,
+            "finished_at": repr(_now()),
+            "partial": "1" if partial else "0",
+        }
+        if reason is not None:
+            values["reason"] = reason
+        if error is not None:
+            values["error"] = error
+        pipe.hset(self.job_key(job_id), mapping=values)
+        pipe.srem(self.key("active", _owner_part(fields.get("owner"))), job_id)
+        pipe.zrem(self.key("jobs", "running"), job_id)
+        event = {"status": status, "reason": reason, "error": error, "partial": partial}
+        self._add_event(pipe, job_id, "status", event)
+        self._add_event(pipe, job_id, "end", event)
+        self._expire_job_keys(pipe, job_id, "events")
+
+    def requeue_job(self, job_id: str, *, reason: str, count_attempt: bool) -> bool:
+        """Move a running job back to queued; return False unless it was running.
+
+        Args:
+            reason: Why it was re-queued ("interrupted", "worker_lost"), sent
+                in the status event.
+            count_attempt: False gives the execution's attempt back, as for a
+                graceful worker shutdown.
+        """
+
+        def transition(pipe: Any) -> bool:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if fields.get("status") != "running":
+                return False
+            attempts = int(fields.get("attempts", "0"))
+            if not count_attempt:
+                attempts = max(attempts - 1, 0)
+            pipe.multi()
+            pipe.hset(
+                self.job_key(job_id),
+                mapping={"status": "queued", "attempts": str(attempts)},
+            )
+            pipe.hdel(self.job_key(job_id), "worker", "device")
+            pipe.zrem(self.key("jobs", "running"), job_id)
+            event = {"status": "queued", "reason": reason, "attempts": attempts}
+            self._add_event(pipe, job_id, "status", event)
+            self._expire_job_keys(pipe, job_id, "events")
+            return True
+
+        return self.client.transaction(
+            transition, self.job_key(job_id), value_from_callable=True
+        )
+
+    def running_job_ids(self) -> list[str]:
+        """Return the ids of jobs marked running, oldest start first."""
+        return self.client.zrange(self.key("jobs", "running"), 0, -1)
+
+    # Cancellation.
+
+    def request_cancel(self, job_id: str) -> str:
+        """Ask for a job to stop and return its status afterwards.
+
+        A queued job is cancelled at once (its pending runs too); a running
+        job gets the cancel flag, which its worker checks before every step.
+        A finished job is left as it is.
+        """
+
+        def transition(pipe: Any) -> str:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if not fields:
+                raise StoreError(f"job {job_id!r} not found")
+            status = fields["status"]
+            if status in FINAL_JOB_STATUSES:
+                return status
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            pipe.multi()
+            pipe.set(self.job_key(job_id, "cancel"), "1", ex=self.ttl_s)
+            if status == "running":
+                return status
+            self._cancel_pending_runs(pipe, job_id, runs)
+            self._finish(pipe, job_id, fields, "cancelled", "cancelled", None)
+            return "cancelled"
+
+        return self.client.transaction(
+            transition, self.job_key(job_id), value_from_callable=True
+        )
+
+    def _cancel_pending_runs(
+        self, pipe: Any, job_id: str, runs: dict[str, str]
+    ) -> None:
+        for name, text in runs.items():
+            state = RunState.model_validate_json(text)
+            if state.status in ("pending", "running"):
+                state.status = "cancelled"
+                state.stop_reason = "cancelled"
+                pipe.hset(self.job_key(job_id, "runs"), name, state.model_dump_json())
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return bool(self.client.exists(self.job_key(job_id, "cancel")))
+
+    # Lock and heartbeat of a running job.
+
+    def acquire_lock(self, job_id: str, token: str) -> bool:
+        """Take the job's execution lock; False when another execution holds it."""
+        timeout_ms = int(self.heartbeat_timeout_s * 1000)
+        return bool(
+            self.client.set(self.job_key(job_id, "lock"), token, nx=True, px=timeout_ms)
+        )
+
+    def refresh_lock(self, job_id: str, token: str) -> bool:
+        """Extend the lock's lifetime; False when this execution lost it."""
+        timeout_ms = int(self.heartbeat_timeout_s * 1000)
+        return bool(
+            self._refresh_lock(
+                keys=[self.job_key(job_id, "lock")], args=[token, timeout_ms]
+            )
+        )
+
+    def release_lock(self, job_id: str, token: str) -> bool:
+        return bool(
+            self._release_lock(keys=[self.job_key(job_id, "lock")], args=[token])
+        )
+
+    def lock_holder(self, job_id: str) -> str | None:
+        return self.client.get(self.job_key(job_id, "lock"))
+
+    def beat(self, job_id: str, worker: str) -> None:
+        """Write the job's heartbeat; it expires after heartbeat_timeout_s."""
+        value = json.dumps({"worker": worker, "time": _now()})
+        timeout_ms = int(self.heartbeat_timeout_s * 1000)
+        self.client.set(self.job_key(job_id, "heartbeat"), value, px=timeout_ms)
+
+    def get_heartbeat(self, job_id: str) -> dict[str, Any] | None:
+        text = self.client.get(self.job_key(job_id, "heartbeat"))
+        return json.loads(text) if text else None
+
+    # Quotas.
+
+    def active_job_ids(self, owner: str | None) -> set[str]:
+        """Return the owner's queued and running job ids."""
+        return set(self.client.smembers(self.key("active", _owner_part(owner))))
+
+    def count_active(self, owner: str | None) -> int:
+        return int(self.client.scard(self.key("active", _owner_part(owner))))
+
+    def count_submission(self, owner: str | None, now: float | None = None) -> int:
+        """Count one submission in the current minute and return the minute's total."""
+        minute = int((now if now is not None else _now()) // 60)
+        key = self.key("rate", _owner_part(owner), str(minute))
+        pipe = self.client.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, RATE_WINDOW_TTL_S)
+        return int(pipe.execute()[0])
+
+    # API keys.
+
+    def add_api_key(
+        self, name: str, role: str = "user", key: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Store a new API key and return it (once, in clear) with its record."""
+        key = key or secrets.token_urlsafe(32)
+        record = {"name": name, "role": role, "created_at": _now(), "revoked": False}
+        pipe = self.client.pipeline()
+        pipe.hset(self.key("apikeys"), hash_api_key(key), json.dumps(record))
+        pipe.expire(self.key("apikeys"), API_KEY_TTL_S)
+        pipe.execute()
+        return key, record
+
+    def find_api_key(self, key: str) -> dict[str, Any] | None:
+        """Return the record of a valid, unrevoked key, or None."""
+        pipe = self.client.pipeline()
+        pipe.hget(self.key("apikeys"), hash_api_key(key))
+        # NOTE: the key set lives as long as keys are used; a server idle for
+        # API_KEY_TTL_S loses its keys and must issue new ones.
+        pipe.expire(self.key("apikeys"), API_KEY_TTL_S)
+        text = pipe.execute()[0]
+        if not text:
+            return None
+        record = json.loads(text)
+        return None if record.get("revoked") else record
+
+    def list_api_keys(self) -> dict[str, dict[str, Any]]:
+        """Return every key record by its hash."""
+        records = self.client.hgetall(self.key("apikeys"))
+        return {key_hash: json.loads(text) for key_hash, text in records.items()}
+
+    def revoke_api_key(self, key_hash: str) -> bool:
+        """Mark a key revoked by its hash; False when no such key exists."""
+        text = self.client.hget(self.key("apikeys"), key_hash)
+        if not text:
+            return False
+        record = json.loads(text)
+        record["revoked"] = True
+        self.client.hset(self.key("apikeys"), key_hash, json.dumps(record))
+        return True
+
+    # Workers.
+
+    def register_worker(self, name: str, info: dict[str, Any]) -> None:
+        """Write or refresh the worker's presence key (expires after WORKER_TTL_S)."""
+        value = json.dumps({**info, "name": name, "time": _now()})
+        self.client.set(self.key("worker", name), value, ex=WORKER_TTL_S)
+
+    def unregister_worker(self, name: str) -> None:
+        self.client.delete(self.key("worker", name))
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """Return the presence records of workers seen in the last WORKER_TTL_S."""
+        keys = list(self.client.scan_iter(match=self.key("worker", "*"), count=100))
+        if not keys:
+            return []
+        values = self.client.mget(keys)
+        return [json.loads(value) for value in values if value]
+
+
+def _order_runs(spec: JobSpec, states: list[RunState]) -> list[RunState]:
+    """Sort run states in the spec's execution order."""
+    order = {
+        (key.batch_size, key.repeat): index for index, key in enumerate(spec.run_keys())
+    }
+    return sorted(
+        states,
+        key=lambda state: order.get((state.batch_size, state.repeat), len(order)),
+    )
+
+
+def _run_event(
+    run_name: str, state: RunState, *, reset: bool = False
+) -> dict[str, Any]:
+    data = {"run": run_name, **state.model_dump(mode="json")}
+    if reset:
+        data["reset"] = True
+    return data
+
+
+def _lost_message(attempts: int) -> str:
+    return (
+        f"the job's worker stopped responding during each of its {attempts} "
+        "attempts; resubmit it, or raise LRFINDER_MAX_ATTEMPTS if workers are "
+        "restarted often"
+    )
