@@ -26,9 +26,9 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
     jobs:running            sorted set: running job ids scored by started_at,
                             scanned for jobs whose worker went silent
     active:{owner}          set of the owner's queued and running job ids
-    apikeys                 hash: sha256(key) hex -> JSON {name, role,
-                            created_at, revoked}; expires API_KEY_TTL_S after
-                            the last key was added or used
+    apikeys                 hash: sha256(key) hex -> key record JSON; written
+                            and read by ``lrfinder.keys`` through
+                            ``Store.redis``, and the only key without a TTL
     rate:{owner}:{minute}   counter of submissions in one minute, 120 s
     worker:{name}           string JSON {name, host, pid, device, queue,
                             started, time}; expires WORKER_TTL_S after the
@@ -40,10 +40,8 @@ A job's ``attempts`` counts the executions that started and may count towards
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -69,7 +67,6 @@ logger = logging.getLogger(__name__)
 PREFIX = "lrfinder:"
 EVENTS_MAXLEN = 20_000
 WORKER_TTL_S = 30
-API_KEY_TTL_S = 365 * 24 * 3600
 RATE_WINDOW_TTL_S = 120
 NO_OWNER = "-"
 
@@ -103,11 +100,6 @@ class Event:
     id: str
     type: str
     data: dict[str, Any]
-
-
-def hash_api_key(key: str) -> str:
-    """Return the hex SHA-256 of an API key, the form the store keeps."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def new_job_id() -> str:
@@ -194,6 +186,11 @@ class Store:
         """Create a store for ``url``, with the TTLs of ``settings``."""
         settings = (settings or get_settings()).model_copy(update={"redis_url": url})
         return cls.from_settings(settings, retries=retries)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The underlying client, for modules that keep their own keys."""
+        return self.client
 
     def ping(self) -> bool:
         """Return True when Redis answers; raise redis.ConnectionError when down."""
@@ -756,48 +753,6 @@ class Store:
         pipe.incr(key)
         pipe.expire(key, RATE_WINDOW_TTL_S)
         return int(pipe.execute()[0])
-
-    # API keys.
-
-    def add_api_key(
-        self, name: str, role: str = "user", key: str | None = None
-    ) -> tuple[str, dict[str, Any]]:
-        """Store a new API key and return it (once, in clear) with its record."""
-        key = key or secrets.token_urlsafe(32)
-        record = {"name": name, "role": role, "created_at": _now(), "revoked": False}
-        pipe = self.client.pipeline()
-        pipe.hset(self.key("apikeys"), hash_api_key(key), json.dumps(record))
-        pipe.expire(self.key("apikeys"), API_KEY_TTL_S)
-        pipe.execute()
-        return key, record
-
-    def find_api_key(self, key: str) -> dict[str, Any] | None:
-        """Return the record of a valid, unrevoked key, or None."""
-        pipe = self.client.pipeline()
-        pipe.hget(self.key("apikeys"), hash_api_key(key))
-        # NOTE: the key set lives as long as keys are used; a server idle for
-        # API_KEY_TTL_S loses its keys and must issue new ones.
-        pipe.expire(self.key("apikeys"), API_KEY_TTL_S)
-        text = pipe.execute()[0]
-        if not text:
-            return None
-        record = json.loads(text)
-        return None if record.get("revoked") else record
-
-    def list_api_keys(self) -> dict[str, dict[str, Any]]:
-        """Return every key record by its hash."""
-        records = self.client.hgetall(self.key("apikeys"))
-        return {key_hash: json.loads(text) for key_hash, text in records.items()}
-
-    def revoke_api_key(self, key_hash: str) -> bool:
-        """Mark a key revoked by its hash; False when no such key exists."""
-        text = self.client.hget(self.key("apikeys"), key_hash)
-        if not text:
-            return False
-        record = json.loads(text)
-        record["revoked"] = True
-        self.client.hset(self.key("apikeys"), key_hash, json.dumps(record))
-        return True
 
     # Workers.
 
