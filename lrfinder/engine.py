@@ -1,0 +1,798 @@
+"""The learning-rate range test: one sweep of a model over rising learning rates.
+
+``range_test`` trains a model for ``num_iter`` optimizer steps while the
+learning rate rises from ``start_lr`` to ``end_lr``, records the loss of
+every step and puts the model, the optimizer and the random generators back
+as they were. The worker, the CLI and library users all call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lrfinder.jobs import SUCCESSFUL_STOPS, Curve, Point, RunStatus, StopReason
+from lrfinder.restore import TrainingSnapshot, capture_modes, restore_modes
+from lrfinder.schedule import (
+    DivergenceRule,
+    LossSmoother,
+    group_ratios,
+    learning_rates,
+)
+from lrfinder.spec import OptimizerSpec
+
+logger = logging.getLogger(__name__)
+
+AmpMode = Literal["off", "bf16", "fp16"]
+AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+STOP_REASONS: frozenset[str] = frozenset(typing.get_args(StopReason))
+
+StepCallback = Callable[[Point], None]
+StopCheck = Callable[[], "str | bool | None"]
+
+
+@dataclass
+class RangeTestResult:
+    """The recorded points of one sweep and why it ended.
+
+    ``points`` holds one entry per optimizer step that ran. ``schedule`` is the
+    planned learning rate of every step, including steps that never ran
+    because the sweep stopped early.
+    """
+
+    points: list[Point]
+    stop_reason: StopReason
+    error: str | None = None
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    schedule: list[float] = field(default_factory=list)
+    mode: str = "exponential"
+    validation: bool = False
+
+    @property
+    def lrs(self) -> list[float]:
+        """Learning rate of group 0 at every recorded step."""
+        return [point.lr for point in self.points]
+
+    @property
+    def losses(self) -> list[float | None]:
+        """Raw training loss of every step; None where it was not finite."""
+        return [point.loss for point in self.points]
+
+    @property
+    def smoothed_losses(self) -> list[float | None]:
+        """Smoothed training loss of every step; None where it was not finite."""
+        return [point.smoothed_loss for point in self.points]
+
+    @property
+    def val_losses(self) -> list[float | None] | None:
+        """Validation loss of every step, or None for a sweep without validation."""
+        if not self.validation:
+            return None
+        return [point.val_loss for point in self.points]
+
+    @property
+    def status(self) -> RunStatus:
+        """Run status that this stop reason gives in a job record."""
+        if self.stop_reason in SUCCESSFUL_STOPS:
+            return "succeeded"
+        if self.stop_reason == "cancelled":
+            return "cancelled"
+        return "failed"
+
+    def to_curve_dict(
+        self,
+        *,
+        batch_size: int,
+        repeat: int = 0,
+        status: RunStatus | None = None,
+        suggestions: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Return the sweep as a ``lrfinder.jobs.Curve`` dictionary."""
+        curve = Curve(
+            batch_size=batch_size,
+            repeat=repeat,
+            status=status or self.status,
+            stop_reason=self.stop_reason,
+            lr=self.lrs,
+            loss=self.losses,
+            smoothed_loss=self.smoothed_losses,
+            val_loss=self.val_losses,
+            samples=[point.samples for point in self.points],
+            suggestions=suggestions or {},
+        )
+        return curve.model_dump()
+
+    def suggest(self, method: str = "valley", *, validation: bool = False, **options: Any) -> Any:
+        """Suggest a learning rate from this curve with ``lrfinder.analysis.suggest``.
+
+        Args:
+            method: one of ``lrfinder.analysis.METHODS``.
+            validation: use the validation losses in place of the training losses.
+            options: passed on to ``lrfinder.analysis.suggest``.
+
+        Returns:
+            The ``lrfinder.analysis.Suggestion``.
+        """
+        from lrfinder.analysis import suggest
+
+        losses = self.val_losses if validation else self.losses
+        if losses is None:
+            raise ValueError(
+                "validation=True needs a sweep run with val_loader and val_batches > 0"
+            )
+        # Only the last point can lack a loss, because a non-finite loss stops
+        # the sweep, so dropping it keeps the indices of the other points.
+        pairs = [(lr, loss) for lr, loss in zip(self.lrs, losses) if loss is not None]
+        options.setdefault("mode", self.mode)
+        return suggest(
+            [lr for lr, _ in pairs], [loss for _, loss in pairs], method, **options
+        )
+
+    def plot(self, ax: Any = None, *, smoothed: bool = True, **options: Any) -> Any:
+        """Draw loss against learning rate with ``lrfinder.plots.draw_curve``.
+
+        Draws into ``ax`` when given, else into a new matplotlib Figure (never
+        pyplot's global state). Returns the axes.
+        """
+        from lrfinder.plots import draw_curve
+
+        ax = ax if ax is not None else _new_axes()
+        losses = self.smoothed_losses if smoothed else self.losses
+        draw_curve(ax, self.lrs, losses, **options)
+        return ax
+
+    def plot_schedule(self, ax: Any = None, **options: Any) -> Any:
+        """Draw the learning rate of every step with ``lrfinder.plots.draw_schedule``."""
+        from lrfinder.plots import draw_schedule
+
+        ax = ax if ax is not None else _new_axes()
+        draw_schedule(ax, self.lrs, **options)
+        return ax
+
+
+def _new_axes() -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure().add_subplot()
+
+
+def range_test(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable[[Any, Any], torch.Tensor],
+    train_loader: Iterable[Any],
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_iter: int = 100,
+    mode: str = "exponential",
+    smooth_beta: float = 0.98,
+    diverge_threshold: float | None = 4.0,
+    accumulation_steps: int = 1,
+    amp: str = "off",
+    val_loader: Iterable[Any] | None = None,
+    val_batches: int = 0,
+    device: torch.device | str | None = None,
+    on_step: StepCallback | None = None,
+    should_stop: StopCheck | None = None,
+    time_limit_s: float | None = None,
+    restore: bool = True,
+    raise_errors: bool = True,
+) -> RangeTestResult:
+    """Run a learning-rate range test and restore the training state afterwards.
+
+    The sweep trains with the modules' train/eval flags as the caller set them
+    (call ``model.train()`` first for a standard test; a frozen body may stay in
+    eval mode). Every step zeroes the gradients, runs ``accumulation_steps``
+    micro-batches and makes one optimizer step.
+
+    Args:
+        model: the network, already on ``device``.
+        optimizer: any torch optimizer over the model's parameters. Group 0's
+            learning rate is the reference: each step sets group 0 to the
+            scheduled rate and every other group to the same multiple of its
+            own initial rate, so the groups keep their ratios.
+        criterion: ``criterion(outputs, targets)`` returning the mean loss of
+            the batch as a scalar tensor.
+        train_loader: re-iterable source of ``(inputs, targets, ...)`` batches,
+            such as a DataLoader. When it runs out the sweep iterates it again,
+            which reshuffles a DataLoader with ``shuffle=True``.
+        start_lr: learning rate of step 0.
+        end_lr: learning rate of the last step.
+        num_iter: optimizer steps, at least 2.
+        mode: ``"exponential"`` or ``"linear"`` (see ``lrfinder.schedule``).
+        smooth_beta: weight of the bias-corrected moving average of the loss,
+            in [0, 1); 0 records the raw loss as the smoothed loss.
+        diverge_threshold: stop with ``"diverged"`` once the smoothed loss
+            exceeds this multiple of its best value
+            (``lrfinder.schedule.DivergenceRule`` gives the rule for losses at
+            or below zero); None switches the stop off.
+        accumulation_steps: micro-batches per optimizer step. Each micro-loss is
+            divided by this number before backward, and the step's recorded
+            loss is the mean over its micro-batches.
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast on CUDA; fp16 uses a
+            GradScaler and flags the steps it skips. Ignored on other devices,
+            which then run in the model's precision.
+        val_loader: source of validation batches; needs ``val_batches > 0``.
+        val_batches: batches of ``val_loader`` evaluated after every step, in
+            eval mode without gradients; their sample-weighted mean loss is
+            recorded as ``val_loss``.
+        device: where batches go; defaults to the device of the model's first
+            parameter. The model must already be there.
+        on_step: called with each recorded Point.
+        should_stop: called before every step; a stop reason such as
+            ``"cancelled"`` or ``"interrupted"`` (or True for ``"cancelled"``)
+            ends the sweep, None or False continues it.
+        time_limit_s: wall-clock budget in seconds; the sweep ends with
+            ``"time_limit"`` at the first step that starts after it.
+        restore: put parameters, buffers, gradients, train/eval flags, the
+            optimizer's state and learning rates, and the torch, numpy and
+            Python random generators back as they were before the sweep.
+        raise_errors: re-raise an exception from the sweep (after restoring);
+            when False the sweep ends with ``"error"`` (``"out_of_memory"`` for
+            torch.OutOfMemoryError) and the message in ``error``.
+
+    Returns:
+        The RangeTestResult with one Point per optimizer step that ran.
+    """
+    target_device = _resolve_device(model, device)
+    sweep = _Sweep(
+        model,
+        optimizer,
+        criterion,
+        schedule=learning_rates(start_lr, end_lr, num_iter, mode),
+        batches=_BatchStream(train_loader, target_device, "train_loader"),
+        smoother=LossSmoother(smooth_beta),
+        divergence=DivergenceRule(diverge_threshold),
+        accumulation_steps=_check_count(accumulation_steps, "accumulation_steps", 1),
+        precision=_Precision(amp, target_device),
+        validation=_make_validation(val_loader, val_batches, target_device),
+        hooks=_Hooks(on_step, should_stop, _check_time_limit(time_limit_s)),
+    )
+    snapshot = TrainingSnapshot.capture(model, optimizer) if restore else None
+    return _run_and_restore(sweep, snapshot, raise_errors, mode)
+
+
+def _run_and_restore(
+    sweep: _Sweep,
+    snapshot: TrainingSnapshot | None,
+    raise_errors: bool,
+    mode: str,
+) -> RangeTestResult:
+    started = time.perf_counter()
+    error = None
+    try:
+        stop_reason = sweep.run(started)
+    except Exception as exception:
+        if raise_errors:
+            raise
+        stop_reason, error = _describe_failure(exception)
+        logger.warning(
+            "range test failed at step %d: %s", len(sweep.points), error
+        )
+    finally:
+        if snapshot is not None:
+            snapshot.restore()
+    seconds = time.perf_counter() - started
+    logger.debug(
+        "range test stopped: %s after %d steps in %.2f s",
+        stop_reason,
+        len(sweep.points),
+        seconds,
+    )
+    return RangeTestResult(
+        points=sweep.points,
+        stop_reason=stop_reason,
+        error=error,
+        seconds=seconds,
+        skipped_steps=sweep.skipped_steps,
+        schedule=sweep.schedule,
+        mode=mode,
+        validation=sweep.validation is not None,
+    )
+
+
+def _describe_failure(exception: Exception) -> tuple[StopReason, str]:
+    """Return the stop reason and message of an exception raised by a sweep."""
+    message = f"{type(exception).__name__}: {exception}"
+    if isinstance(exception, torch.OutOfMemoryError):
+        # Gradients and activations are released by the restore and by the
+        # end of this handler; returning the cached blocks lets the next run
+        # of a study start from an empty cache.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return "out_of_memory", message
+    return "error", message
+
+
+def build_optimizer(
+    parameters: Iterable[Any], spec: OptimizerSpec, lr: float
+) -> torch.optim.Optimizer:
+    """Create the torch optimizer that an OptimizerSpec names.
+
+    Args:
+        parameters: tensors or parameter-group dictionaries, as torch accepts.
+        spec: the optimizer name and options of a job.
+        lr: initial learning rate; a sweep overwrites it at every step.
+
+    Returns:
+        torch.optim.SGD, Adam, AdamW or RMSprop.
+    """
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov,
+            weight_decay=spec.weight_decay,
+        )
+    if spec.name in ("adam", "adamw"):
+        optimizer_class = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
+        return optimizer_class(
+            parameters,
+            lr=lr,
+            betas=spec.betas,
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+        )
+    if spec.name == "rmsprop":
+        return torch.optim.RMSprop(
+            parameters,
+            lr=lr,
+            alpha=spec.alpha,
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            momentum=spec.momentum,
+        )
+    raise ValueError(
+        f"optimizer name {spec.name!r} is invalid: use 'sgd', 'adam', 'adamw' "
+        "or 'rmsprop'"
+    )
+
+
+class _Sweep:
+    """The step loop of one range test and the points it records."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable[[Any, Any], torch.Tensor],
+        *,
+        schedule: list[float],
+        batches: _BatchStream,
+        smoother: LossSmoother,
+        divergence: DivergenceRule,
+        accumulation_steps: int,
+        precision: _Precision,
+        validation: _Validation | None,
+        hooks: _Hooks,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.criterion = criterion
+        self.schedule = schedule
+        self.batches = batches
+        self.smoother = smoother
+        self.divergence = divergence
+        self.accumulation_steps = accumulation_steps
+        self.precision = precision
+        self.validation = validation
+        self.hooks = hooks
+        self.ratios = group_ratios([float(group["lr"]) for group in optimizer.param_groups])
+        self.points: list[Point] = []
+        self.samples = 0
+        self.skipped_steps = 0
+        _warn_if_eval_mode(model)
+
+    def run(self, started: float) -> StopReason:
+        """Run every step of the schedule and return why the sweep ended."""
+        for step, learning_rate in enumerate(self.schedule):
+            # Hooks and the time budget are checked before any work of a step.
+            stop_reason = self.hooks.stop_request(started)
+            if stop_reason is not None:
+                return stop_reason
+
+            # Set every group's learning rate, then train on one window of
+            # micro-batches with one optimizer step.
+            group_lrs = self._set_learning_rates(learning_rate)
+            loss, scale = self._train_step()
+
+            # Evaluate after the update, in eval mode, if asked.
+            validation_sum = None
+            if self.validation is not None:
+                validation_sum = self.validation.evaluate(self.model, self._loss)
+
+            # Record the step; reading the losses is the step's one host sync.
+            point, diverged = self._record(
+                step, group_lrs, loss, validation_sum, scale, started
+            )
+            self.hooks.step_done(point)
+            if point.non_finite:
+                return "non_finite"
+            if diverged:
+                return "diverged"
+        return "completed"
+
+    def _set_learning_rates(self, learning_rate: float) -> list[float]:
+        group_lrs = [learning_rate * ratio for ratio in self.ratios]
+        for group, group_lr in zip(self.optimizer.param_groups, group_lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(group_lr)
+            else:
+                group["lr"] = group_lr
+        return group_lrs
+
+    def _loss(self, inputs: Any, targets: Any) -> torch.Tensor:
+        with self.precision.autocast():
+            loss = self.criterion(self.model(inputs), targets)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
+            raise ValueError(
+                f"criterion returned {shape!r}, not a scalar tensor: use a loss "
+                "with reduction='mean' (the mean over the batch)"
+            )
+        return loss
+
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one optimizer step; return the mean micro-batch loss and the scale."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = None
+        for _ in range(self.accumulation_steps):
+            inputs, targets, count = self.batches.next()
+            loss = self._loss(inputs, targets)
+            if self.accumulation_steps > 1:
+                self.precision.backward(loss / self.accumulation_steps)
+            else:
+                self.precision.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+            self.samples += count
+        scale = self.precision.step(self.optimizer)
+        if self.accumulation_steps > 1:
+            total = total / self.accumulation_steps
+        return total, scale
+
+    def _record(
+        self,
+        step: int,
+        group_lrs: list[float],
+        loss_tensor: torch.Tensor,
+        validation_sum: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        started: float,
+    ) -> tuple[Point, bool]:
+        """Build, store and return the step's Point and whether the loss diverged."""
+        loss, validation_total, scale_value = _read_scalars(
+            loss_tensor, validation_sum, scale
+        )
+        val_loss = None
+        if validation_total is not None:
+            val_loss = validation_total / self.validation.samples
+        skipped = self.precision.skipped(scale_value)
+        self.skipped_steps += skipped
+        non_finite = not math.isfinite(loss) or (
+            val_loss is not None and not math.isfinite(val_loss)
+        )
+        smoothed = None
+        diverged = False
+        if not non_finite:
+            smoothed = self.smoother.update(loss)
+            diverged = self.divergence.update(smoothed)
+        point = Point(
+            step=step,
+            lr=group_lrs[0],
+            loss=None if non_finite else loss,
+            smoothed_loss=smoothed,
+            samples=self.samples,
+            elapsed_s=time.perf_counter() - started,
+            group_lrs=group_lrs,
+            val_loss=val_loss if val_loss is not None and math.isfinite(val_loss) else None,
+            non_finite=non_finite,
+            skipped=skipped,
+        )
+        self.points.append(point)
+        return point, diverged
+
+
+def _read_scalars(
+    loss: torch.Tensor, *others: torch.Tensor | None
+) -> tuple[float, ...]:
+    """Copy the loss and the optional scalars to the host in one transfer.
+
+    Returns one float per argument, None for each argument that was None.
+    """
+    present = [tensor for tensor in others if tensor is not None]
+    if not present:
+        return (loss.item(), *([None] * len(others)))
+    dtype = torch.promote_types(loss.dtype, torch.float32)
+    values = torch.stack([loss.to(dtype)] + [t.to(dtype) for t in present]).tolist()
+    readings = iter(values[1:])
+    return (values[0], *(None if t is None else next(readings) for t in others))
+
+
+def _warn_if_eval_mode(model: nn.Module) -> None:
+    if not model.training:
+        logger.warning(
+            "the model is in eval mode, so the sweep runs without dropout and "
+            "with fixed BatchNorm statistics; call model.train() first for a "
+            "standard range test"
+        )
+
+
+class _Hooks:
+    """The caller's step callback, stop check and time budget."""
+
+    def __init__(
+        self,
+        on_step: StepCallback | None,
+        should_stop: StopCheck | None,
+        time_limit_s: float | None,
+    ) -> None:
+        for name, hook in (("on_step", on_step), ("should_stop", should_stop)):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name}={hook!r} is invalid: pass a callable or None")
+        self.on_step = on_step
+        self.should_stop = should_stop
+        self.time_limit_s = time_limit_s
+
+    def stop_request(self, started: float) -> StopReason | None:
+        """Return the reason to stop before the next step, or None to go on."""
+        if self.should_stop is not None:
+            reason = self.should_stop()
+            if reason is True:
+                return "cancelled"
+            if reason is not None and reason is not False:
+                return _check_stop_reason(reason)
+        if self.time_limit_s is not None:
+            if time.perf_counter() - started >= self.time_limit_s:
+                return "time_limit"
+        return None
+
+    def step_done(self, point: Point) -> None:
+        if self.on_step is not None:
+            self.on_step(point)
+
+
+def _check_stop_reason(reason: Any) -> StopReason:
+    if reason not in STOP_REASONS:
+        raise ValueError(
+            f"should_stop returned {reason!r}, which is not a stop reason: "
+            f"return None to continue or one of {sorted(STOP_REASONS)}"
+        )
+    return reason
+
+
+def _check_time_limit(time_limit_s: float | None) -> float | None:
+    if time_limit_s is not None and not (time_limit_s > 0.0):
+        raise ValueError(
+            f"time_limit_s={time_limit_s!r} is invalid: use a number of seconds "
+            "above 0, or None for no limit"
+        )
+    return time_limit_s
+
+
+def _check_count(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name}={value!r} is invalid: use an integer of at least {minimum}"
+        )
+    return value
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """Return the device batches go to; the model must already be there."""
+    first = next(model.parameters(), None)
+    model_device = first.device if first is not None else torch.device("cpu")
+    if device is None:
+        return model_device
+    target = torch.device(device)
+    if first is not None and not _same_device(model_device, target):
+        raise ValueError(
+            f"device={str(target)!r} but the model's parameters are on "
+            f"{str(model_device)!r}: move the model with model.to(device) before "
+            "the sweep, or leave device=None"
+        )
+    return target
+
+
+def _same_device(first: torch.device, second: torch.device) -> bool:
+    if first.type != second.type:
+        return False
+    # "cuda" names the current CUDA device, so it matches any CUDA index.
+    return first.index is None or second.index is None or first.index == second.index
+
+
+class _Precision:
+    """Autocast and gradient scaling of the ``amp`` setting."""
+
+    def __init__(self, amp: str, device: torch.device) -> None:
+        if amp not in AMP_MODES:
+            raise ValueError(f"amp={amp!r} is invalid: use 'off', 'bf16' or 'fp16'")
+        self.device_type = device.type
+        self.dtype: torch.dtype | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.last_scale = 0.0
+        if amp != "off" and device.type != "cuda":
+            logger.info("amp=%r is ignored on %s: the sweep runs in full precision", amp, device)
+            return
+        if amp == "bf16":
+            self.dtype = torch.bfloat16
+        elif amp == "fp16":
+            self.dtype = torch.float16
+            self.scaler = torch.amp.GradScaler(device.type)
+            self.last_scale = self.scaler.get_scale()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Update the parameters; with fp16 return the scale as a device tensor."""
+        if self.scaler is None:
+            optimizer.step()
+            return None
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        # NOTE: _get_scale_async is private in torch.amp.GradScaler (torch 2.2 to
+        # 2.14); it returns the scale without a host sync, so that the scale
+        # is read together with the loss.
+        return self.scaler._get_scale_async()
+
+    def skipped(self, scale: float | None) -> bool:
+        """Return whether the scaler skipped the step, seen as a lower scale."""
+        if scale is None:
+            return False
+        skipped = scale < self.last_scale
+        self.last_scale = scale
+        return skipped
+
+
+class _BatchStream:
+    """Endless batches of a re-iterable loader, moved to the device."""
+
+    def __init__(self, loader: Iterable[Any], device: torch.device, name: str) -> None:
+        _reject_empty(loader, name)
+        self.loader = loader
+        self.device = device
+        self.name = name
+        self.iterator: Iterator[Any] = iter(loader)
+        self.served = 0
+
+    def next(self) -> tuple[Any, Any, int]:
+        """Return the next (inputs, targets, sample count), starting a new epoch
+        when the loader runs out."""
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.loader)
+            batch = next(self.iterator, None)
+            if batch is None:
+                raise ValueError(self._exhausted_message()) from None
+        self.served += 1
+        return split_batch(batch, self.device, self.name)
+
+    def _exhausted_message(self) -> str:
+        if self.served == 0:
+            return f"{self.name} yielded no batches: give it at least one batch"
+        return (
+            f"{self.name} yielded no batches when iterated again after "
+            f"{self.served}: pass a re-iterable loader such as a DataLoader or "
+            "a list, not an iterator or a generator"
+        )
+
+
+def _reject_empty(loader: Iterable[Any], name: str) -> None:
+    try:
+        length = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if length == 0:
+        raise ValueError(f"{name} is empty: give it at least one batch")
+
+
+def split_batch(batch: Any, device: torch.device, name: str = "loader") -> tuple[Any, Any, int]:
+    """Return a batch's inputs and targets on ``device`` and its sample count.
+
+    A batch is a tuple or list whose first two items are the inputs and the
+    targets; further items are ignored.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            f"{name} yielded a {type(batch).__name__}, not an (inputs, targets) "
+            "pair: yield tuples or lists whose first two items are inputs and targets"
+        )
+    inputs, targets = batch[0], batch[1]
+    return _to_device(inputs, device), _to_device(targets, device), _count(targets)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=device.type == "cuda")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+def _count(targets: Any) -> int:
+    if isinstance(targets, torch.Tensor):
+        return targets.shape[0] if targets.ndim > 0 else 1
+    return len(targets)
+
+
+class _Validation:
+    """Validation loss over the first ``batches`` batches of a loader."""
+
+    def __init__(self, loader: Iterable[Any], batches: int, device: torch.device) -> None:
+        _reject_empty(loader, "val_loader")
+        self.loader = loader
+        self.batches = batches
+        self.device = device
+        self.samples = 0
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, loss_of: Callable[[Any, Any], torch.Tensor]
+    ) -> torch.Tensor:
+        """Return the sum of sample-weighted batch losses, on the device."""
+        # The caller's flags (a frozen body may be in eval mode) are put back
+        # afterwards rather than switching the whole model to train mode.
+        modes = capture_modes(model)
+        model.eval()
+        try:
+            return self._weighted_sum(loss_of)
+        finally:
+            restore_modes(modes)
+
+    def _weighted_sum(self, loss_of: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
+        total = None
+        self.samples = 0
+        for index, batch in enumerate(self.loader):
+            if index == self.batches:
+                break
+            inputs, targets, count = split_batch(batch, self.device, "val_loader")
+            loss = loss_of(inputs, targets).detach()
+            # Half-precision sums overflow at 65504, so the sum is kept in at
+            # least float32.
+            weighted = loss.to(torch.promote_types(loss.dtype, torch.float32)) * count
+            total = weighted if total is None else total + weighted
+            self.samples += count
+        if total is None:
+            raise ValueError("val_loader yielded no batches: give it at least one batch")
+        return total
+
+
+def _make_validation(
+    loader: Iterable[Any] | None, batches: int, device: torch.device
+) -> _Validation | None:
+    _check_count(batches, "val_batches", 0)
+    if loader is None and batches > 0:
+        raise ValueError(
+            f"val_batches={batches} needs a val_loader: pass one, or set val_batches=0"
+        )
+    if loader is not None and batches == 0:
+        raise ValueError(
+            "val_loader is set but val_batches=0: set val_batches to the number "
+            "of validation batches evaluated per step, or pass val_loader=None"
+        )
+    if loader is None:
+        return None
+    return _Validation(loader, batches, device)
