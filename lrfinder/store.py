@@ -451,6 +451,25 @@ class Store:
         self._expire_job_keys(pipe, job_id, "runs", "events")
         pipe.execute()
 
+    def close_unfinished_runs(
+        self,
+        job_id: str,
+        status: str,
+        stop_reason: str,
+        error: str | None = None,
+    ) -> list[str]:
+        """Give every pending or running run a final status; return their names."""
+        closed = []
+        for name, state in self.get_runs(job_id).items():
+            if state.status not in ("pending", "running"):
+                continue
+            state.status = status  # type: ignore[assignment]
+            state.stop_reason = stop_reason  # type: ignore[assignment]
+            state.error = error
+            self.put_run(job_id, name, state)
+            closed.append(name)
+        return closed
+
     def set_data_report(self, job_id: str, report: DataReport) -> None:
         self.client.hset(self.job_key(job_id), "data", report.model_dump_json())
 

@@ -1,0 +1,1 @@
+"""Celery worker that runs LR-finder studies from the Redis queue."""

@@ -1,0 +1,75 @@
+"""Celery application of the worker: broker, queue and delivery settings.
+
+Start one worker per GPU (CPU when there is none)::
+
+    celery -A worker.app worker -Q lrfinder --pool solo --concurrency 1 \\
+        --prefetch-multiplier 1 -n gpu0@%h
+
+The solo pool runs the task in the worker's main process, which is safe with
+CUDA and lets SIGTERM reach the running study as a warm shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, signals
+
+from lrfinder.settings import get_settings
+from worker import presence
+
+logger = logging.getLogger(__name__)
+
+# Seconds an unacknowledged message may wait above the longest job before
+# the broker delivers it again; the job lock makes a second delivery harmless.
+VISIBILITY_MARGIN_S = 3600
+
+
+def create_app() -> Celery:
+    """Create the Celery app from the LRFINDER_ settings."""
+    settings = get_settings()
+    app = Celery("lrfinder", broker=settings.redis_url, include=["worker.tasks"])
+    visibility_timeout = int(settings.max_time_limit_s + VISIBILITY_MARGIN_S)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",
+        broker_transport_options={"visibility_timeout": visibility_timeout},
+        broker_connection_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = create_app()
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any, **_: Any) -> None:
+    presence.start(sender.hostname, send_job=_send_job)
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
+    # Runs in the signal handler: only set a flag, the study checks it.
+    presence.SHUTDOWN.set()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    presence.stop()
+
+
+def _send_job(job_id: str, queue: str | None = None) -> None:
+    app.send_task(
+        "lrfinder.run_job", args=[job_id], queue=queue or get_settings().queue
+    )

@@ -1,0 +1,196 @@
+"""Study hooks that stream a running study into the store.
+
+``RedisHooks`` has the methods of ``lrfinder.study.StudyHooks`` without
+subclassing it, so this module imports no torch and its tests need none.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from lrfinder.jobs import SUCCESSFUL_STOPS, DataReport, Point, RunState
+from lrfinder.spec import RunKey
+from lrfinder.store import Store
+
+logger = logging.getLogger(__name__)
+
+# Points are written in batches: at this many points or after this many
+# seconds, whichever comes first, and at the end of every run.
+FLUSH_POINTS = 20
+FLUSH_INTERVAL_S = 0.5
+
+
+class StopConditions:
+    """Decides, before every step, whether the job must stop and why.
+
+    Args:
+        store: Where the cancel flag is read.
+        job_id: The job being run.
+        time_limit_s: Wall-clock budget of this execution, seconds.
+        shutdown: Set when the worker was asked to shut down (SIGTERM).
+        lock_lost: Set when another execution took the job's lock.
+        clock: Monotonic clock, seconds; replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        *,
+        time_limit_s: float,
+        shutdown: threading.Event,
+        lock_lost: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.time_limit_s = time_limit_s
+        self.shutdown = shutdown
+        self.lock_lost = lock_lost
+        self.clock = clock
+        self.started = clock()
+        self.reason: str | None = None
+
+    def check(self) -> str | None:
+        """Return the stop reason, or None to go on; a reason, once given, stays."""
+        if self.reason is None:
+            self.reason = self._current_reason()
+        return self.reason
+
+    def _current_reason(self) -> str | None:
+        if self._cancel_requested():
+            return "cancelled"
+        if self.shutdown.is_set() or self.lock_lost.is_set():
+            return "interrupted"
+        if self.clock() - self.started >= self.time_limit_s:
+            return "time_limit"
+        return None
+
+    def _cancel_requested(self) -> bool:
+        try:
+            return self.store.is_cancel_requested(self.job_id)
+        except redis.RedisError as error:
+            # The next step asks again; a Redis outage must not stop a sweep.
+            logger.warning(
+                "job %s: cannot read the cancel flag: %s", self.job_id, error
+            )
+            return False
+
+
+def run_status(stop_reason: str | None, points: int) -> str:
+    """Return the status a run ends with, given its stop reason and curve length.
+
+    An interrupted run goes back to pending: its partial curve stays until
+    the job resumes and runs it again from the first step.
+    """
+    if stop_reason == "interrupted":
+        return "pending"
+    if stop_reason == "cancelled":
+        return "cancelled"
+    if stop_reason in SUCCESSFUL_STOPS and points > 0:
+        return "succeeded"
+    return "failed"
+
+
+class RedisHooks:
+    """Writes a study's data report, points and run states to the store.
+
+    Args:
+        store: The store to write to.
+        job_id: The job being run.
+        runs: The job's run states by run name, updated in place.
+        stop: The conditions ``should_stop`` reports.
+        clock: Monotonic clock for the flush interval, seconds.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        job_id: str,
+        runs: dict[str, RunState],
+        stop: StopConditions,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.runs = runs
+        self.stop = stop
+        self.clock = clock
+        self._buffer: list[Point] = []
+        self._last_flush = clock()
+        self._points_in_run = 0
+
+    def on_data(self, report: DataReport) -> None:
+        self.store.set_data_report(self.job_id, report)
+
+    def on_run_start(self, key: RunKey) -> None:
+        state = self.runs[key.name]
+        state.status = "running"
+        state.step = 0
+        state.stop_reason = None
+        state.error = None
+        state.seconds = None
+        state.attempt += 1
+        self._buffer = []
+        self._points_in_run = 0
+        self._last_flush = self.clock()
+        # A run always starts from its first step, so an earlier partial
+        # curve (from an interrupted or lost execution) is dropped.
+        self.store.reset_run(self.job_id, key.name, state)
+        logger.info("job %s: run %s started", self.job_id, key.name)
+
+    def on_point(self, key: RunKey, point: Point) -> None:
+        self._buffer.append(point)
+        self._points_in_run += 1
+        self.runs[key.name].step = self._points_in_run
+        due = self.clock() - self._last_flush >= FLUSH_INTERVAL_S
+        if due or len(self._buffer) >= FLUSH_POINTS:
+            self._flush(key.name)
+
+    def on_run_end(self, key: RunKey, result: Any) -> None:
+        """Store the run's outcome; ``result`` is a ``lrfinder.study.RunResult``."""
+        state = self.runs[key.name]
+        state.step = len(result.points)
+        state.status = run_status(result.stop_reason, len(result.points))  # type: ignore[assignment]
+        state.stop_reason = result.stop_reason
+        state.error = result.error
+        state.seconds = result.seconds
+        state.skipped_steps = result.skipped_steps
+        state.feature_cache = result.feature_cache
+        self._flush(key.name, final=True)
+        self.store.put_run(self.job_id, key.name, state)
+        logger.info(
+            "job %s: run %s ended: %s after %d steps in %.1f s",
+            self.job_id,
+            key.name,
+            result.stop_reason,
+            len(result.points),
+            result.seconds or 0.0,
+        )
+
+    def should_stop(self) -> str | None:
+        return self.stop.check()
+
+    def _flush(self, run_name: str, *, final: bool = False) -> None:
+        points = self._buffer
+        try:
+            self.store.record_progress(
+                self.job_id, run_name, points, self.runs[run_name]
+            )
+        except redis.RedisError as error:
+            if final:
+                raise
+            # Keep the batch; the next flush writes it with the newer points.
+            logger.warning(
+                "job %s: cannot write %d points: %s", self.job_id, len(points), error
+            )
+            return
+        self._buffer = []
+        self._last_flush = self.clock()

@@ -1,0 +1,110 @@
+"""The worker's presence key and its periodic check for lost jobs.
+
+A thread refreshes ``worker:{name}`` every ``PRESENCE_INTERVAL_S`` so that
+``/readyz`` sees a live worker, and on each tick looks for running jobs
+whose execution went silent (see ``worker.reaper``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from lrfinder.settings import get_settings
+from lrfinder.store import Store
+
+logger = logging.getLogger(__name__)
+
+PRESENCE_INTERVAL_S = 10.0
+# Set by the warm-shutdown signal; running studies stop at their next step.
+SHUTDOWN = threading.Event()
+
+_store: Store | None = None
+_thread: WorkerPresence | None = None
+
+
+def get_store() -> Store:
+    """Return the worker process's store, created on first use."""
+    global _store
+    if _store is None:
+        # Workers retry longer than the API: a job in progress waits for a
+        # restarting Redis (about 30 s) instead of failing.
+        _store = Store.from_settings(get_settings(), retries=10)
+    return _store
+
+
+class WorkerPresence(threading.Thread):
+    """Refreshes this worker's presence key and reaps lost jobs."""
+
+    def __init__(
+        self,
+        name: str,
+        info: dict[str, Any],
+        tick: Callable[[], None],
+        interval_s: float = PRESENCE_INTERVAL_S,
+    ) -> None:
+        super().__init__(name="worker-presence", daemon=True)
+        self.worker = name
+        self.info = info
+        self.tick = tick
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self._refresh()
+            if self.stopped.wait(self.interval_s):
+                return
+
+    def _refresh(self) -> None:
+        try:
+            get_store().register_worker(self.worker, self.info)
+            self.tick()
+        except redis.RedisError as error:
+            logger.warning("worker %s: presence refresh failed: %s", self.worker, error)
+        except Exception:  # the thread must outlive one bad tick
+            logger.exception("worker %s: presence refresh failed", self.worker)
+
+
+def start(name: str, send_job: Callable[[str], None]) -> None:
+    """Start the presence thread of the worker named ``name``."""
+    global _thread
+    from worker.execution import resolve_device
+    from worker.reaper import reap_lost_jobs
+
+    settings = get_settings()
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": resolve_device(settings.device),
+        "queue": settings.queue,
+        "started": time.time(),
+    }
+
+    def tick() -> None:
+        reap_lost_jobs(get_store(), settings, send_job)
+
+    _thread = WorkerPresence(name, info, tick)
+    _thread.start()
+    logger.info("worker %s ready on %s, queue %s", name, info["device"], settings.queue)
+
+
+def stop() -> None:
+    """Stop the presence thread and remove the presence key."""
+    if _thread is None:
+        return
+    _thread.stopped.set()
+    _thread.join(timeout=5.0)
+    try:
+        get_store().unregister_worker(_thread.worker)
+    except redis.RedisError as error:
+        logger.warning(
+            "worker %s: cannot remove presence key: %s", _thread.worker, error
+        )
