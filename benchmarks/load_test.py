@@ -1,0 +1,139 @@
+"""The API under load: polls a running job at a fixed request rate.
+
+Requests alternate between ``GET /v1/jobs/{id}`` and ``GET /v1/jobs/{id}/curves``
+while the worker sweeps. The generator is open-loop: request ``i`` is due at
+``i / rate`` seconds, whatever earlier requests took, and a pool of threads
+with keep-alive connections sends them. The latency of a request runs from
+its send to the end of its response body. When the generator falls behind
+its schedule, the lag is reported on its own, because it measures this
+machine's spare CPU rather than the API.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from servers import ServiceStack, StackError, study_spec
+from workload import Workload
+
+THREADS = 16
+# Seconds to wait for the first points, so that /curves returns real data.
+FIRST_POINTS_TIMEOUT_S = 300
+
+
+@dataclass
+class LoadResult:
+    """Latencies in milliseconds and failures of one load run."""
+
+    rate: float
+    duration_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+    lags_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def percentile(self, values: list[float], fraction: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def summary(self) -> dict[str, float | int | list[str]]:
+        latencies = self.latencies_ms or [float("nan")]
+        return {
+            "requests": len(self.latencies_ms) + len(self.errors),
+            "target_rate": self.rate,
+            "achieved_rate": (len(self.latencies_ms) + len(self.errors))
+            / self.elapsed_s,
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": self.percentile(latencies, 0.99),
+            "max_ms": max(latencies),
+            "errors": len(self.errors),
+            "error_examples": sorted(set(self.errors))[:5],
+            "p99_lag_ms": self.percentile(self.lags_ms or [0.0], 0.99),
+        }
+
+
+def generate(base_url: str, job_id: str, rate: float, duration_s: float) -> LoadResult:
+    """Send ``rate * duration_s`` requests on schedule and record each one."""
+    result = LoadResult(rate=rate, duration_s=duration_s)
+    paths = (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/curves")
+    total = int(rate * duration_s)
+    lock = threading.Lock()
+    started = time.perf_counter()
+
+    def send_share(first: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            for index in range(first, total, THREADS):
+                due = started + index / rate
+                time.sleep(max(0.0, due - time.perf_counter()))
+                sent = time.perf_counter()
+                outcome = request_once(client, paths[index % 2])
+                finished = time.perf_counter()
+                with lock:
+                    if outcome is None:
+                        result.latencies_ms.append((finished - sent) * 1000)
+                    else:
+                        result.errors.append(outcome)
+                    result.lags_ms.append(max(0.0, sent - due) * 1000)
+
+    threads = [threading.Thread(target=send_share, args=(first,))
+               for first in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+def request_once(client: httpx.Client, path: str) -> str | None:
+    """Send one GET; return None on a 200, else a short description."""
+    try:
+        response = client.get(path)
+    except httpx.HTTPError as error:
+        return f"{type(error).__name__} on {path.split('/')[-1]}"
+    if response.status_code != 200:
+        return f"HTTP {response.status_code} on {path.split('/')[-1]}"
+    return None
+
+
+def wait_for_points(stack: ServiceStack, job_id: str) -> None:
+    """Wait until the job's first run has written points."""
+    deadline = time.monotonic() + FIRST_POINTS_TIMEOUT_S
+    with stack.client() as api:
+        while time.monotonic() < deadline:
+            job = api.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+            if any(run["step"] > 0 for run in job["runs"]):
+                return
+            if job["status"] not in ("queued", "running"):
+                raise StackError(f"job {job_id} ended {job['status']} before "
+                                 "the load test started")
+            time.sleep(0.2)
+    raise StackError(f"job {job_id} wrote no points within "
+                     f"{FIRST_POINTS_TIMEOUT_S} s")
+
+
+def measure(workload: Workload, work: Path, rate: float,
+            duration_s: float) -> dict:
+    """Start a stack, run a study and load the API while it runs.
+
+    The study must outlast the load, so ``workload`` should be a long one;
+    it is cancelled once the load ends.
+    """
+    photos = Path(workload.photos).resolve()
+    with ServiceStack(photos.parent, work) as stack:
+        job_id = stack.submit(study_spec(workload, dataset=photos.name))
+        wait_for_points(stack, job_id)
+        result = generate(stack.base_url, job_id, rate, duration_s)
+        with stack.client() as api:
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            api.post(f"/v1/jobs/{job_id}/cancel")
+    summary = result.summary()
+    summary["job_status_after_load"] = job["status"]
+    summary["steps_done_during_load"] = sum(run["step"] for run in job["runs"])
+    return summary

@@ -1,0 +1,67 @@
+"""Contender (3): the service end to end, from ``POST /v1/jobs`` to ``succeeded``.
+
+Each repeat starts a fresh stack (Redis, one worker, the API), so its decode
+cache starts empty. A tiny warm-up job at another image size then loads torch
+and the model code into the worker, as in a worker that has been serving
+jobs. The timed job pays the decoding of the photos once, as the in-process
+engine row does. A second, identical job then shows what the decode cache
+shared across jobs saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from servers import ServiceStack, StackError, study_spec, warm_up_spec
+from workload import Measurement, Workload
+
+WARM_UP_TIMEOUT_S = 300
+
+
+def job_seconds(job: dict) -> float:
+    """Return the seconds between the worker's start and end of a job."""
+    return job["finished_at"] - job["started_at"]
+
+
+def check_succeeded(job: dict, workload: Workload) -> None:
+    """Raise unless every run of the job completed all of its steps."""
+    if job["status"] != "succeeded":
+        raise StackError(f"job {job['id']} ended {job['status']}: "
+                         f"{job.get('reason')} {job.get('error')}")
+    for run in job["runs"]:
+        if run["step"] != workload.num_iter:
+            raise StackError(f"job {job['id']}: run {run['batch_size']} did "
+                             f"{run['step']} of {workload.num_iter} steps")
+
+
+def timed_job(stack: ServiceStack, spec: dict, workload: Workload,
+              timeout_s: float) -> Measurement:
+    seconds, job = stack.run_job(spec, timeout_s)
+    check_succeeded(job, workload)
+    return Measurement(
+        seconds=seconds,
+        sample_steps=workload.sample_steps,
+        peak_rss_mb=stack.worker_peak_rss_mb(),
+        details={"worker_seconds": job_seconds(job),
+                 "feature_cache": [run.get("feature_cache") for run in job["runs"]]},
+    )
+
+
+def warm_up(stack: ServiceStack, dataset: str) -> None:
+    _, job = stack.run_job(warm_up_spec(dataset), WARM_UP_TIMEOUT_S)
+    if job["status"] != "succeeded":
+        raise StackError(f"warm-up job ended {job['status']}: {job.get('reason')}")
+
+
+def measure(workload: Workload, work: Path, timeout_s: float,
+            *, cached_too: bool = True) -> dict[str, Measurement]:
+    """Measure one repeat: the cold-cache job and, optionally, a cached one."""
+    photos = Path(workload.photos).resolve()
+    spec = study_spec(workload, dataset=photos.name)
+    results = {}
+    with ServiceStack(photos.parent, work) as stack:
+        warm_up(stack, photos.name)
+        results["service"] = timed_job(stack, spec, workload, timeout_s)
+        if cached_too:
+            results["service_cached"] = timed_job(stack, spec, workload, timeout_s)
+    return results
