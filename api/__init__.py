@@ -1,0 +1,1 @@
+"""HTTP API of the LR-finder service (FastAPI); never imports torch."""

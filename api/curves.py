@@ -1,0 +1,184 @@
+"""Curves of a job: points from the store, suggestions computed on request, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import threading
+from collections import OrderedDict
+from typing import Any, Literal
+
+from lrfinder.jobs import FINAL_RUN_STATUSES, Curve, Job, Point, RunState
+from lrfinder.spec import RunKey
+from lrfinder.store import Store
+
+# The methods of lrfinder.analysis.METHODS (a test checks that they agree),
+# spelled out so that the schema builds without importing numpy and scipy;
+# "all" asks for every method at once.
+SUGGESTION_METHODS = ("valley", "steep", "minimum", "slide", "steepest_gradient", "range")
+ALL_METHODS = "all"
+MethodName = Literal[(*SUGGESTION_METHODS, ALL_METHODS)]  # type: ignore[valid-type]
+PlotMethodName = Literal[SUGGESTION_METHODS]  # type: ignore[valid-type]
+
+CSV_COLUMNS = (
+    "job_id",
+    "batch_size",
+    "repeat",
+    "step",
+    "lr",
+    "loss",
+    "smoothed_loss",
+    "val_loss",
+)
+
+# Catalog models built without BatchNorm layers (torchvision 0.29.1):
+# VGG without "_bn", and the models below, which use LayerNorm or no norm.
+NO_BATCHNORM_PREFIXES = ("alexnet", "squeezenet", "vit_", "swin_", "convnext_")
+
+
+def model_has_batchnorm(name: str) -> bool:
+    """Tell whether the catalog model ``name`` contains BatchNorm layers."""
+    if name.startswith("vgg"):
+        return name.endswith("_bn")
+    return not name.startswith(NO_BATCHNORM_PREFIXES)
+
+
+def run_name(state: RunState) -> str:
+    return RunKey(batch_size=state.batch_size, repeat=state.repeat).name
+
+
+def load_points(store: Store, job: Job) -> dict[str, list[Point]]:
+    """Return every run's points by run name, in one round trip."""
+    return store.get_all_points(job.id, [run_name(state) for state in job.runs])
+
+
+def _finite_or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def suggest(points: list[Point], method: str, mode: str) -> dict[str, Any]:
+    """Return the suggestions of one curve by method (all methods for "all")."""
+    from lrfinder import analysis
+
+    lrs = [point.lr for point in points]
+    losses = [_finite_or_nan(point.loss) for point in points]
+    if method == ALL_METHODS:
+        found = analysis.suggest_all(lrs, losses, mode=mode)
+        return {name: suggestion.to_dict() for name, suggestion in found.items()}
+    return {method: analysis.suggest(lrs, losses, method, mode=mode).to_dict()}
+
+
+def build_curve(
+    state: RunState, points: list[Point], suggestions: dict[str, Any]
+) -> Curve:
+    """Assemble one run's arrays; ``val_loss`` only when validation ran."""
+    val_losses = [point.val_loss for point in points]
+    return Curve(
+        batch_size=state.batch_size,
+        repeat=state.repeat,
+        status=state.status,
+        stop_reason=state.stop_reason,
+        lr=[point.lr for point in points],
+        loss=[point.loss for point in points],
+        smoothed_loss=[point.smoothed_loss for point in points],
+        val_loss=val_losses if any(v is not None for v in val_losses) else None,
+        samples=[point.samples for point in points],
+        suggestions=suggestions,
+    )
+
+
+class SuggestionCache:
+    """Suggestions of finished runs, which never change, kept in memory.
+
+    Runs still in progress are computed on every request and not kept.
+    """
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(
+        self, job: Job, state: RunState, points: list[Point], method: str
+    ) -> dict[str, Any]:
+        if len(points) < 2:
+            return {}
+        key = (job.id, run_name(state), state.status, len(points), method)
+        cacheable = state.status in FINAL_RUN_STATUSES
+        with self.lock:
+            if cacheable and key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        value = suggest(points, method, job.spec.sweep.mode)
+        if cacheable:
+            with self.lock:
+                self.entries[key] = value
+                while len(self.entries) > self.max_entries:
+                    self.entries.popitem(last=False)
+        return value
+
+
+def build_curves(
+    store: Store, job: Job, method: str, cache: SuggestionCache
+) -> tuple[list[Curve], dict[str, list[Point]]]:
+    """Return the job's curves (partial while it runs) and the raw points."""
+    points_by_run = load_points(store, job)
+    curves = []
+    for state in job.runs:
+        points = points_by_run.get(run_name(state), [])
+        suggestions = cache.get(job, state, points, method)
+        curves.append(build_curve(state, points, suggestions))
+    return curves, points_by_run
+
+
+def finished_run_suggestions(
+    store: Store, job: Job, method: str, cache: SuggestionCache
+) -> dict[str, Any]:
+    """Return suggestions of the job's finished runs, by run name."""
+    finished = [state for state in job.runs if state.status in FINAL_RUN_STATUSES]
+    if not finished:
+        return {}
+    names = [run_name(state) for state in finished]
+    points_by_run = store.get_all_points(job.id, names)
+    return {
+        name: cache.get(job, state, points_by_run[name], method)
+        for name, state in zip(names, finished)
+    }
+
+
+def analyze(job: Job, curves: list[Curve]) -> dict[str, Any]:
+    """Run the study analysis of lrfinder.analysis on the job's curves."""
+    from lrfinder import analysis
+
+    return analysis.analyze_study(
+        [curve.model_dump(mode="json") for curve in curves],
+        mode=job.spec.sweep.mode,
+        model_has_batchnorm=model_has_batchnorm(job.spec.model.name),
+    )
+
+
+def _csv_value(value: float | int | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def curves_csv(job: Job, points_by_run: dict[str, list[Point]]) -> str:
+    """Write every point of the job as one CSV row."""
+    output = io.StringIO()
+    writer = csv.writer(output, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for state in job.runs:
+        for point in points_by_run.get(run_name(state), []):
+            writer.writerow(
+                [
+                    job.id,
+                    state.batch_size,
+                    state.repeat,
+                    point.step,
+                    _csv_value(point.lr),
+                    _csv_value(point.loss),
+                    _csv_value(point.smoothed_loss),
+                    _csv_value(point.val_loss),
+                ]
+            )
+    return output.getvalue()

@@ -1,0 +1,135 @@
+"""Server-sent events of a job, read from its Redis stream.
+
+Each stream entry becomes one SSE event whose id is the entry id, so a
+client that reconnects with ``Last-Event-ID`` resumes after the last event
+it saw. The stream ends with an "end" event carrying the final status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis
+import redis.asyncio
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.deps import PrincipalDep, StoreDep
+from api.errors import ApiError
+from api.routes.jobs import load_visible_job
+from lrfinder.jobs import FINAL_JOB_STATUSES
+from lrfinder.store import Store
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+STREAM_ID_PATTERN = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+READ_COUNT = 200
+# Milliseconds a browser waits before reconnecting after a dropped stream.
+RECONNECT_MS = 2000
+
+
+def async_redis(request: Request) -> redis.asyncio.Redis:
+    """Return the app's asyncio Redis client, created on first use."""
+    state = request.app.state
+    if getattr(state, "async_redis", None) is None:
+        state.async_redis = redis.asyncio.Redis.from_url(
+            state.settings.redis_url, decode_responses=True, socket_connect_timeout=5.0
+        )
+    return state.async_redis
+
+
+def format_event(event_type: str, data: str, event_id: str | None = None) -> str:
+    """Write one SSE event; ``data`` is JSON text on a single line."""
+    lines = [f"id: {event_id}"] if event_id else []
+    lines += [f"event: {event_type}", f"data: {data}"]
+    return "\n".join(lines) + "\n\n"
+
+
+async def final_event(client: redis.asyncio.Redis, job_key: str) -> str | None:
+    """Return a closing "end" event when the job has finished, else None.
+
+    Covers streams whose "end" entry a client already saw or that was
+    trimmed: the job record still tells the final status.
+    """
+    fields = await client.hgetall(job_key)
+    status = fields.get("status")
+    if fields and status not in FINAL_JOB_STATUSES:
+        return None
+    data = {"status": status, "reason": fields.get("reason"), "error": fields.get("error")}
+    return format_event("end", json.dumps(data))
+
+
+async def stream_events(
+    client: redis.asyncio.Redis,
+    store: Store,
+    job_id: str,
+    after: str,
+    keepalive_s: float,
+) -> AsyncIterator[str]:
+    """Yield the job's events after ``after`` until its "end" event."""
+    stream_key = store.job_key(job_id, "events")
+    yield f"retry: {RECONNECT_MS}\n\n"
+    try:
+        while True:
+            reply = await client.xread(
+                {stream_key: after}, count=READ_COUNT, block=int(keepalive_s * 1000)
+            )
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                after = entry_id
+                yield format_event(fields["type"], fields["data"], entry_id)
+                if fields["type"] == "end":
+                    return
+            if not entries:
+                closing = await final_event(client, store.job_key(job_id))
+                if closing is not None:
+                    yield closing
+                    return
+                yield ": keep-alive\n\n"
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        # The response has started, so no 503 is possible; the client
+        # reconnects with Last-Event-ID once Redis is back.
+        logger.warning("event stream of job %s ended: redis unavailable: %s", job_id, error)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def get_events(
+    job_id: str,
+    request: Request,
+    store: StoreDep,
+    principal: PrincipalDep,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> StreamingResponse:
+    """Stream progress, points, run and status events, ending with "end"."""
+    if last_event_id is not None and not STREAM_ID_PATTERN.fullmatch(last_event_id):
+        message = "Last-Event-ID must be an event id received from this stream"
+        raise ApiError(
+            400,
+            "invalid_request",
+            message,
+            fields=[{"field": "Last-Event-ID", "value": last_event_id, "message": message}],
+        )
+    await run_in_threadpool(load_visible_job, store, principal, job_id)
+    events = stream_events(
+        async_redis(request),
+        store,
+        job_id,
+        last_event_id or "0-0",
+        request.app.state.sse_keepalive_s,
+    )
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,42 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import PrincipalDep, StoreDep
+from api.errors import ApiError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Report that the process is up (no dependencies checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(store: StoreDep) -> dict[str, Any]:
+    """Report ready when Redis answers and at least one worker is alive."""
+    store.ping()
+    workers = store.live_workers()
+    if not workers:
+        raise ApiError(
+            503,
+            "no_workers",
+            "no worker is alive; start one with `lrfinder worker`",
+            headers={"Retry-After": "10"},
+        )
+    return {"status": "ready", "workers": len(workers)}
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request, principal: PrincipalDep) -> Response:
+    """Expose Prometheus metrics: jobs by status, workers, steps per second, HTTP."""
+    body = generate_latest(request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,126 @@
+"""Plot endpoints: PNG or SVG charts of a job's curves, rendered on request."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from api.curves import PlotMethodName, SuggestionCache, analyze, build_curves
+from api.deps import PrincipalDep, StoreDep
+from api.errors import ApiError
+from api.routes.jobs import SuggestionCacheDep, load_visible_job
+from lrfinder.jobs import Job
+from lrfinder.store import Store
+
+router = APIRouter(prefix="/v1/jobs", tags=["plots"])
+
+PLOT_NAMES = ("loss-vs-lr", "lr-schedule", "batch-size-scaling")
+MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+MIN_SIDE_PX = 200
+MAX_SIDE_PX = 3000
+
+SidePixels = Annotated[int, Query(ge=MIN_SIDE_PX, le=MAX_SIDE_PX)]
+
+
+def parse_filename(filename: str) -> tuple[str, str]:
+    """Split ``loss-vs-lr.png`` into plot name and format; 404 if unknown."""
+    name, _, suffix = filename.rpartition(".")
+    if name not in PLOT_NAMES or suffix not in MEDIA_TYPES:
+        choices = ", ".join(f"{plot}.png|.svg" for plot in PLOT_NAMES)
+        raise ApiError(
+            404, "not_found", f"plot {filename!r} not found; available: {choices}"
+        )
+    return name, suffix
+
+
+def invalid_option(field: str, value: Any, message: str) -> ApiError:
+    return ApiError(
+        400,
+        "invalid_request",
+        f"invalid plot option {field}: {message}",
+        fields=[{"field": field, "value": value, "message": message}],
+    )
+
+
+def parse_batch_sizes(text: str | None, job: Job) -> list[int] | None:
+    """Parse ``64,32`` into batch sizes of the job; 400 naming bad entries."""
+    if text is None or not text.strip():
+        return None
+    available = set(job.spec.batch_sizes)
+    chosen = []
+    for part in text.split(","):
+        try:
+            batch_size = int(part.strip())
+        except ValueError:
+            raise invalid_option(
+                "batch_sizes", text, f"{part!r} is not an integer; use e.g. 64,32"
+            ) from None
+        if batch_size not in available:
+            raise invalid_option(
+                "batch_sizes",
+                text,
+                f"{batch_size} is not a batch size of this job; choose from "
+                + ",".join(str(size) for size in job.spec.batch_sizes),
+            )
+        chosen.append(batch_size)
+    return chosen
+
+
+def render(
+    store: Store,
+    job: Job,
+    name: str,
+    options: dict[str, Any],
+    cache: SuggestionCache,
+) -> bytes:
+    """Load the curves and draw one plot (blocking: runs in a worker thread)."""
+    from lrfinder import plots
+
+    size = {key: options.pop(key) for key in ("width", "height", "format")}
+    curves, _ = build_curves(store, job, options["method"], cache)
+    curve_dicts = [curve.model_dump(mode="json") for curve in curves]
+    if name == "loss-vs-lr":
+        return plots.plot_loss_vs_lr(curve_dicts, **options, **size)
+    if name == "lr-schedule":
+        return plots.plot_lr_schedule(curve_dicts, **size)
+    return plots.plot_batch_size_scaling(analyze(job, curves), **size)
+
+
+@router.get(
+    "/{job_id}/plots/{filename}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}},
+)
+async def get_plot(
+    job_id: str,
+    filename: str,
+    store: StoreDep,
+    principal: PrincipalDep,
+    cache: SuggestionCacheDep,
+    batch_sizes: Annotated[
+        str | None, Query(max_length=200, description="Comma-separated, e.g. 64,32.")
+    ] = None,
+    smoothed: bool = True,
+    method: PlotMethodName = "valley",
+    bands: bool = False,
+    width: SidePixels = 900,
+    height: SidePixels = 600,
+) -> Response:
+    """Draw loss-vs-lr, lr-schedule or batch-size-scaling as .png or .svg."""
+    name, suffix = parse_filename(filename)
+    job = await run_in_threadpool(load_visible_job, store, principal, job_id)
+    options: dict[str, Any] = {
+        "method": method,
+        "width": width,
+        "height": height,
+        "format": suffix,
+    }
+    if name == "loss-vs-lr":
+        options["batch_sizes"] = parse_batch_sizes(batch_sizes, job)
+        options["smoothed"] = smoothed
+        options["bands"] = bands
+    image = await run_in_threadpool(render, store, job, name, options, cache)
+    return Response(image, media_type=MEDIA_TYPES[suffix])
