@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -107,6 +108,7 @@ class JobExecution:
         requeue: Sends a new message for the job (after a graceful shutdown).
         run_study: ``lrfinder.study.run_study`` or a stand-in with its signature.
         study_error: The exception type that carries a study's error code.
+        clock: Monotonic clock of the time budget, seconds.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class JobExecution:
         requeue: Callable[[str], None],
         run_study: StudyRunner,
         study_error: type[Exception],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job_id = job_id
         self.store = store
@@ -127,6 +130,7 @@ class JobExecution:
         self.requeue = requeue
         self.run_study = run_study
         self.study_error = study_error
+        self.clock = clock
         self.token = uuid.uuid4().hex
 
     def run(self) -> str:
@@ -182,26 +186,27 @@ class JobExecution:
         runs = {
             RunKey(batch_size=s.batch_size, repeat=s.repeat).name: s for s in job.runs
         }
+        # Runs that succeeded in an earlier execution keep their curves.
         todo = [
             RunKey.parse(name) for name, s in runs.items() if s.status != "succeeded"
         ]
+        logger.info(
+            "job %s: started on %s (attempt %d): %d of %d runs to do",
+            self.job_id,
+            device,
+            job.attempts,
+            len(todo),
+            len(runs),
+        )
         stop = StopConditions(
             self.store,
             self.job_id,
             time_limit_s=time_limit_s(job, self.settings),
             shutdown=self.shutdown,
             lock_lost=lock_lost,
+            clock=self.clock,
         )
         hooks = RedisHooks(self.store, self.job_id, runs, stop)
-        logger.info(
-            "job %s: started on %s (attempt %d): %d of %d runs to do",
-            self.job_id,
-            device,
-            job.attempts + 1,
-            len(todo),
-            len(runs),
-        )
-        todo.sort(key=lambda key: job.spec.run_keys().index(key))
         try:
             self.run_study(
                 job.spec, settings=self.settings, runs=todo, hooks=hooks, device=device

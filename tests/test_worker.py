@@ -1,0 +1,529 @@
+"""The worker: hooks, job execution, reaper, and a real Celery worker on photos.
+
+The first part runs ``JobExecution`` in this process with a stand-in study
+that calls the hooks the way ``lrfinder.study.run_study`` does, so each
+ending (cancel, shutdown, failure, time budget) is reached on a chosen step.
+The last part sends jobs to a real worker subprocess running the real study.
+"""
+
+# Fixtures imported from tests.stack share their names with test arguments.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from lrfinder.jobs import Point
+from lrfinder.settings import Settings
+from lrfinder.spec import JobSpec, RunKey
+from lrfinder.store import Store
+from tests.stack import (  # noqa: F401
+    Service,
+    is_final,
+    redis_service,
+    send_job,
+    store,
+    wait_for_job,
+    worker_service,
+)
+from worker.execution import JobExecution, JobHeartbeat
+from worker.hooks import FLUSH_POINTS, RedisHooks, StopConditions, run_status
+from worker.reaper import reap_lost_jobs
+
+STEPS = 5
+SPEC = JobSpec(
+    model={"name": "small_cnn"},
+    dataset={"name": "photos", "image_size": 32},
+    batch_sizes=[16, 8],
+    sweep={"num_iter": STEPS},
+)
+
+
+class FakeStudyError(Exception):
+    """Stands in for lrfinder.study.StudyError: a code and a message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class FakeRunResult:
+    key: RunKey
+    points: list[Point]
+    stop_reason: str | None
+    error: str | None = None
+    seconds: float = 0.5
+    skipped_steps: int = 0
+    feature_cache: bool = False
+
+
+def make_point(step: int) -> Point:
+    return Point(
+        step=step,
+        lr=1e-4 * 2.0**step,
+        loss=1.0 / (step + 1),
+        smoothed_loss=1.0,
+        samples=8 * (step + 1),
+        elapsed_s=0.01 * step,
+    )
+
+
+@dataclass
+class FakeStudy:
+    """Calls the hooks like run_study: a run start, points, a run end per run.
+
+    ``on_step(key, step)`` runs after each point; ``failing`` batch sizes end
+    with out_of_memory; ``error`` is raised before any run.
+    """
+
+    on_step: Callable[[RunKey, int], None] | None = None
+    failing: tuple[int, ...] = ()
+    error: Exception | None = None
+    calls: list[list[str]] = field(default_factory=list)
+
+    def __call__(
+        self,
+        spec: JobSpec,
+        *,
+        settings: Settings,
+        runs: list[RunKey],
+        hooks: RedisHooks,
+        device: str,
+    ) -> None:
+        self.calls.append([key.name for key in runs])
+        if self.error is not None:
+            raise self.error
+        for key in runs:
+            self._run(key, hooks)
+
+    def _run(self, key: RunKey, hooks: RedisHooks) -> None:
+        hooks.on_run_start(key)
+        points: list[Point] = []
+        stop_reason = "completed"
+        for step in range(STEPS):
+            reason = hooks.should_stop()
+            if reason is not None:
+                stop_reason = reason
+                break
+            points.append(make_point(step))
+            hooks.on_point(key, points[-1])
+            if self.on_step is not None:
+                self.on_step(key, step)
+        if key.batch_size in self.failing:
+            hooks.on_run_end(
+                key, FakeRunResult(key, points, "out_of_memory", "CUDA out of memory")
+            )
+            return
+        hooks.on_run_end(key, FakeRunResult(key, points, stop_reason))
+
+
+@dataclass
+class Execution:
+    """One in-process execution of a stored job, with what it re-queued."""
+
+    outcome: str
+    requeued: list[str]
+
+
+def execute(
+    store: Store,
+    job_id: str,
+    study: FakeStudy,
+    *,
+    shutdown: threading.Event | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Execution:
+    requeued: list[str] = []
+    options = {"clock": clock} if clock is not None else {}
+    execution = JobExecution(
+        job_id,
+        store=store,
+        settings=Settings(device="cpu", heartbeat_interval_s=30.0),
+        shutdown=shutdown or threading.Event(),
+        requeue=requeued.append,
+        run_study=study,
+        study_error=FakeStudyError,
+        **options,
+    )
+    return Execution(execution.run(), requeued)
+
+
+# Run status and stop conditions.
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "points", "expected"),
+    [
+        ("completed", 5, "succeeded"),
+        ("diverged", 3, "succeeded"),
+        ("time_limit", 2, "succeeded"),
+        ("time_limit", 0, "failed"),
+        ("out_of_memory", 2, "failed"),
+        ("error", 0, "failed"),
+        ("cancelled", 2, "cancelled"),
+        ("interrupted", 2, "pending"),
+    ],
+)
+def test_run_status_by_stop_reason(
+    stop_reason: str, points: int, expected: str
+) -> None:
+    assert run_status(stop_reason, points) == expected
+
+
+def stop_conditions(
+    store: Store, job_id: str, clock: Callable[[], float]
+) -> StopConditions:
+    return StopConditions(
+        store,
+        job_id,
+        time_limit_s=10.0,
+        shutdown=threading.Event(),
+        lock_lost=threading.Event(),
+        clock=clock,
+    )
+
+
+def test_stop_conditions_none_at_start(store: Store) -> None:
+    assert stop_conditions(store, "job", lambda: 0.0).check() is None
+
+
+def test_stop_conditions_cancel_flag(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.mark_running(job.id, worker="w", device="cpu", max_attempts=2)
+    stop = stop_conditions(store, job.id, lambda: 0.0)
+    store.request_cancel(job.id)
+    assert stop.check() == "cancelled"
+
+
+def test_stop_conditions_shutdown(store: Store) -> None:
+    stop = stop_conditions(store, "job", lambda: 0.0)
+    stop.shutdown.set()
+    assert stop.check() == "interrupted"
+
+
+def test_stop_conditions_time_budget(store: Store) -> None:
+    now = [0.0]
+    stop = stop_conditions(store, "job", lambda: now[0])
+    now[0] = 9.9
+    assert stop.check() is None
+    now[0] = 10.0
+    assert stop.check() == "time_limit"
+
+
+def test_stop_conditions_reason_stays(store: Store) -> None:
+    stop = stop_conditions(store, "job", lambda: 0.0)
+    stop.shutdown.set()
+    stop.check()
+    stop.shutdown.clear()
+    assert stop.check() == "interrupted"
+
+
+# Hooks.
+
+
+def test_hooks_flush_points_in_batches(store: Store) -> None:
+    job = store.create_job(SPEC)
+    runs = {"16-0": job.runs[0]}
+    hooks = RedisHooks(
+        store,
+        job.id,
+        runs,
+        stop_conditions(store, job.id, lambda: 0.0),
+        clock=lambda: 0.0,
+    )
+    key = RunKey(batch_size=16)
+    hooks.on_run_start(key)
+    for step in range(2 * FLUSH_POINTS + 5):
+        hooks.on_point(key, make_point(step))
+    assert store.count_points(job.id, "16-0") == 2 * FLUSH_POINTS
+    assert store.get_runs(job.id)["16-0"].step == 2 * FLUSH_POINTS
+
+
+def test_hooks_flush_after_interval(store: Store) -> None:
+    job = store.create_job(SPEC)
+    now = [0.0]
+    hooks = RedisHooks(
+        store,
+        job.id,
+        {"16-0": job.runs[0]},
+        stop_conditions(store, job.id, lambda: 0.0),
+        clock=lambda: now[0],
+    )
+    key = RunKey(batch_size=16)
+    hooks.on_run_start(key)
+    hooks.on_point(key, make_point(0))
+    assert store.count_points(job.id, "16-0") == 0
+    now[0] = 0.6
+    hooks.on_point(key, make_point(1))
+    assert store.count_points(job.id, "16-0") == 2
+
+
+def test_hooks_run_end_writes_rest(store: Store) -> None:
+    job = store.create_job(SPEC)
+    hooks = RedisHooks(
+        store,
+        job.id,
+        {"16-0": job.runs[0]},
+        stop_conditions(store, job.id, lambda: 0.0),
+        clock=lambda: 0.0,
+    )
+    key = RunKey(batch_size=16)
+    hooks.on_run_start(key)
+    points = [make_point(step) for step in range(3)]
+    for point in points:
+        hooks.on_point(key, point)
+    hooks.on_run_end(key, FakeRunResult(key, points, "diverged", seconds=1.5))
+    assert store.get_points(job.id, "16-0") == points
+    state = store.get_runs(job.id)["16-0"]
+    assert (state.status, state.stop_reason, state.step) == ("succeeded", "diverged", 3)
+    assert state.seconds == 1.5
+    assert state.attempt == 1
+
+
+# Job execution with the stand-in study.
+
+
+def test_execution_succeeds_with_all_runs(store: Store) -> None:
+    job = store.create_job(SPEC)
+    assert execute(store, job.id, FakeStudy()).outcome == "succeeded"
+    done = store.get_job(job.id)
+    assert done.status == "succeeded"
+    assert done.partial is False
+    assert [run.status for run in done.runs] == ["succeeded", "succeeded"]
+    assert store.count_points(job.id, "8-0") == STEPS
+    assert done.worker is not None
+    assert done.attempts == 1
+
+
+def test_execution_releases_lock_and_heartbeat_key_expires(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy())
+    assert store.lock_holder(job.id) is None
+    assert store.client.ttl(store.job_key(job.id, "heartbeat")) > 0
+
+
+def test_execution_partial_when_one_run_fails(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy(failing=(8,)))
+    done = store.get_job(job.id)
+    assert done.status == "succeeded"
+    assert done.partial is True
+    assert (done.runs[1].status, done.runs[1].stop_reason) == (
+        "failed",
+        "out_of_memory",
+    )
+
+
+def test_execution_fails_when_no_run_succeeds(store: Store) -> None:
+    job = store.create_job(SPEC)
+    assert execute(store, job.id, FakeStudy(failing=(16, 8))).outcome == "failed"
+    failed = store.get_job(job.id)
+    assert failed.status == "failed"
+    assert failed.reason == "out_of_memory"
+    assert "batch size 16" in failed.error
+
+
+def test_execution_study_error_sets_code(store: Store) -> None:
+    job = store.create_job(SPEC)
+    error = FakeStudyError("dataset_invalid", "dataset 'photos' has one class")
+    execute(store, job.id, FakeStudy(error=error))
+    failed = store.get_job(job.id)
+    assert (failed.status, failed.reason) == ("failed", "dataset_invalid")
+    assert failed.error == "dataset 'photos' has one class"
+    assert [run.status for run in failed.runs] == ["failed", "failed"]
+
+
+def test_execution_unexpected_error_records_type(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy(error=RuntimeError("boom")))
+    failed = store.get_job(job.id)
+    assert (failed.status, failed.reason) == ("failed", "error")
+    assert failed.error == "RuntimeError: boom"
+
+
+def test_execution_cancel_mid_run_keeps_points(store: Store) -> None:
+    job = store.create_job(SPEC)
+
+    def cancel_at_step_two(key: RunKey, step: int) -> None:
+        if step == 2:
+            store.request_cancel(job.id)
+
+    assert (
+        execute(store, job.id, FakeStudy(on_step=cancel_at_step_two)).outcome
+        == "cancelled"
+    )
+    cancelled = store.get_job(job.id)
+    assert (cancelled.status, cancelled.reason) == ("cancelled", "cancelled")
+    assert store.count_points(job.id, "16-0") == 3
+    assert [run.status for run in cancelled.runs] == ["cancelled", "cancelled"]
+
+
+def test_execution_cancelled_while_queued_never_runs(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.request_cancel(job.id)
+    study = FakeStudy()
+    assert execute(store, job.id, study).outcome == "skipped"
+    assert study.calls == []
+
+
+def test_execution_skips_job_locked_elsewhere(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.acquire_lock(job.id, "another-execution")
+    study = FakeStudy()
+    assert execute(store, job.id, study).outcome == "skipped"
+    assert study.calls == []
+    assert store.get_status(job.id) == "queued"
+
+
+def test_execution_skips_finished_job(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy())
+    study = FakeStudy()
+    assert execute(store, job.id, study).outcome == "skipped"
+    assert study.calls == []
+    assert store.get_job(job.id).attempts == 1
+
+
+def test_execution_skips_unknown_job(store: Store) -> None:
+    assert execute(store, "0" * 32, FakeStudy()).outcome == "skipped"
+
+
+def interrupt_at(
+    shutdown: threading.Event, batch_size: int, at_step: int
+) -> Callable[[RunKey, int], None]:
+    def on_step(key: RunKey, step: int) -> None:
+        if key.batch_size == batch_size and step == at_step:
+            shutdown.set()
+
+    return on_step
+
+
+def test_execution_shutdown_requeues_job(store: Store) -> None:
+    job = store.create_job(SPEC)
+    shutdown = threading.Event()
+    study = FakeStudy(on_step=interrupt_at(shutdown, 16, 1))
+    execution = execute(store, job.id, study, shutdown=shutdown)
+    assert execution.outcome == "requeued"
+    assert execution.requeued == [job.id]
+    queued = store.get_job(job.id)
+    assert queued.status == "queued"
+    assert queued.attempts == 0
+    assert queued.runs[0].status == "pending"
+    assert queued.runs[0].stop_reason == "interrupted"
+    assert store.count_points(job.id, "16-0") == 2
+
+
+def test_execution_resumes_unfinished_runs(store: Store) -> None:
+    job = store.create_job(SPEC)
+    shutdown = threading.Event()
+    execute(
+        store,
+        job.id,
+        FakeStudy(on_step=interrupt_at(shutdown, 8, 1)),
+        shutdown=shutdown,
+    )
+    first_curve = store.get_points(job.id, "16-0")
+    study = FakeStudy()
+    assert execute(store, job.id, study).outcome == "succeeded"
+    assert study.calls == [["8-0"]]
+    assert store.get_points(job.id, "16-0") == first_curve
+    assert store.count_points(job.id, "8-0") == STEPS
+    assert store.get_job(job.id).runs[1].attempt == 2
+
+
+def test_execution_time_limit_keeps_curve(store: Store) -> None:
+    spec = SPEC.model_copy(update={"time_limit_s": 10.0})
+    job = store.create_job(spec)
+    now = [0.0]
+
+    def spend_budget(key: RunKey, step: int) -> None:
+        if step == 2:
+            now[0] = 11.0
+
+    execute(store, job.id, FakeStudy(on_step=spend_budget), clock=lambda: now[0])
+    done = store.get_job(job.id)
+    assert (done.status, done.reason, done.partial) == ("succeeded", "time_limit", True)
+    assert (done.runs[0].status, done.runs[0].stop_reason) == (
+        "succeeded",
+        "time_limit",
+    )
+    assert store.count_points(job.id, "16-0") == 3
+    assert (done.runs[1].status, done.runs[1].stop_reason) == ("failed", "time_limit")
+
+
+def test_execution_events_end_with_final_status(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy())
+    events = store.read_events(job.id)
+    types = [event.type for event in events]
+    assert types[0] == "status"
+    assert "points" in types
+    assert "run" in types
+    assert types[-1] == "end"
+    assert events[-1].data["status"] == "succeeded"
+
+
+# Heartbeat and reaper.
+
+
+def test_heartbeat_retakes_expired_lock(store: Store) -> None:
+    heartbeat = JobHeartbeat(store, "job", "token", interval_s=1.0)
+    heartbeat.beat()
+    assert store.lock_holder("job") == "token"
+    assert not heartbeat.lock_lost.is_set()
+
+
+def test_heartbeat_lock_taken_elsewhere(store: Store) -> None:
+    store.acquire_lock("job", "another-execution")
+    heartbeat = JobHeartbeat(store, "job", "token", interval_s=1.0)
+    heartbeat.beat()
+    assert heartbeat.lock_lost.is_set()
+
+
+def lost_job(store: Store, attempts: int) -> str:
+    job = store.create_job(SPEC)
+    for _ in range(attempts):
+        store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=9)
+        store.requeue_job(job.id, reason="worker_lost", count_attempt=True)
+    store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=9)
+    return job.id
+
+
+def test_reaper_requeues_lost_job(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    sent: list[str] = []
+    assert reap_lost_jobs(store, Settings(max_attempts=2), sent.append) == [job_id]
+    assert sent == [job_id]
+    requeued = store.get_job(job_id)
+    assert requeued.status == "queued"
+    assert requeued.attempts == 1
+
+
+def test_reaper_fails_job_after_attempts(store: Store) -> None:
+    job_id = lost_job(store, attempts=1)
+    sent: list[str] = []
+    reap_lost_jobs(store, Settings(max_attempts=2), sent.append)
+    assert sent == []
+    failed = store.get_job(job_id)
+    assert (failed.status, failed.reason) == ("failed", "worker_lost")
+    assert [run.stop_reason for run in failed.runs] == ["worker_lost", "worker_lost"]
+
+
+def test_reaper_leaves_job_with_heartbeat(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    store.beat(job_id, "alive:1")
+    assert reap_lost_jobs(store, Settings(max_attempts=2), lambda job_id: None) == []
+    assert store.get_status(job_id) == "running"
+
+
+def test_reaper_leaves_job_with_lock(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    store.acquire_lock(job_id, "alive")
+    assert reap_lost_jobs(store, Settings(max_attempts=2), lambda job_id: None) == []
