@@ -112,7 +112,9 @@ class RangeTestResult:
         )
         return curve.model_dump()
 
-    def suggest(self, method: str = "valley", *, validation: bool = False, **options: Any) -> Any:
+    def suggest(
+        self, method: str = "valley", *, validation: bool = False, **options: Any
+    ) -> Any:
         """Suggest a learning rate from this curve with ``lrfinder.analysis.suggest``.
 
         Args:
@@ -277,9 +279,7 @@ def _run_and_restore(
         if raise_errors:
             raise
         stop_reason, error = _describe_failure(exception)
-        logger.warning(
-            "range test failed at step %d: %s", len(sweep.points), error
-        )
+        logger.warning("range test failed at step %d: %s", len(sweep.points), error)
     finally:
         if snapshot is not None:
             snapshot.restore()
@@ -389,7 +389,9 @@ class _Sweep:
         self.precision = precision
         self.validation = validation
         self.hooks = hooks
-        self.ratios = group_ratios([float(group["lr"]) for group in optimizer.param_groups])
+        self.ratios = group_ratios(
+            [float(group["lr"]) for group in optimizer.param_groups]
+        )
         self.points: list[Point] = []
         self.samples = 0
         self.skipped_steps = 0
@@ -496,7 +498,9 @@ class _Sweep:
             samples=self.samples,
             elapsed_s=time.perf_counter() - started,
             group_lrs=group_lrs,
-            val_loss=val_loss if val_loss is not None and math.isfinite(val_loss) else None,
+            val_loss=val_loss
+            if val_loss is not None and math.isfinite(val_loss)
+            else None,
             non_finite=non_finite,
             skipped=skipped,
         )
@@ -589,7 +593,9 @@ def _check_count(value: int, name: str, minimum: int) -> int:
     return value
 
 
-def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+def _resolve_device(
+    model: nn.Module, device: torch.device | str | None
+) -> torch.device:
     """Return the device batches go to; the model must already be there."""
     first = next(model.parameters(), None)
     model_device = first.device if first is not None else torch.device("cpu")
@@ -623,7 +629,9 @@ class _Precision:
         self.scaler: torch.amp.GradScaler | None = None
         self.last_scale = 0.0
         if amp != "off" and device.type != "cuda":
-            logger.info("amp=%r is ignored on %s: the sweep runs in full precision", amp, device)
+            logger.info(
+                "amp=%r is ignored on %s: the sweep runs in full precision", amp, device
+            )
             return
         if amp == "bf16":
             self.dtype = torch.bfloat16
@@ -672,12 +680,17 @@ class _BatchStream:
         self.loader = loader
         self.device = device
         self.name = name
-        self.iterator: Iterator[Any] = iter(loader)
+        # The first iterator is made at the first batch, inside the sweep, so
+        # that a shuffling DataLoader draws its order after the random
+        # generators were captured for the restore.
+        self.iterator: Iterator[Any] | None = None
         self.served = 0
 
     def next(self) -> tuple[Any, Any, int]:
         """Return the next (inputs, targets, sample count), starting a new epoch
         when the loader runs out."""
+        if self.iterator is None:
+            self.iterator = iter(self.loader)
         try:
             batch = next(self.iterator)
         except StopIteration:
@@ -707,7 +720,9 @@ def _reject_empty(loader: Iterable[Any], name: str) -> None:
         raise ValueError(f"{name} is empty: give it at least one batch")
 
 
-def split_batch(batch: Any, device: torch.device, name: str = "loader") -> tuple[Any, Any, int]:
+def split_batch(
+    batch: Any, device: torch.device, name: str = "loader"
+) -> tuple[Any, Any, int]:
     """Return a batch's inputs and targets on ``device`` and its sample count.
 
     A batch is a tuple or list whose first two items are the inputs and the
@@ -741,7 +756,9 @@ def _count(targets: Any) -> int:
 class _Validation:
     """Validation loss over the first ``batches`` batches of a loader."""
 
-    def __init__(self, loader: Iterable[Any], batches: int, device: torch.device) -> None:
+    def __init__(
+        self, loader: Iterable[Any], batches: int, device: torch.device
+    ) -> None:
         _reject_empty(loader, "val_loader")
         self.loader = loader
         self.batches = batches
@@ -762,7 +779,9 @@ class _Validation:
         finally:
             restore_modes(modes)
 
-    def _weighted_sum(self, loss_of: Callable[[Any, Any], torch.Tensor]) -> torch.Tensor:
+    def _weighted_sum(
+        self, loss_of: Callable[[Any, Any], torch.Tensor]
+    ) -> torch.Tensor:
         total = None
         self.samples = 0
         for index, batch in enumerate(self.loader):
@@ -776,7 +795,9 @@ class _Validation:
             total = weighted if total is None else total + weighted
             self.samples += count
         if total is None:
-            raise ValueError("val_loader yielded no batches: give it at least one batch")
+            raise ValueError(
+                "val_loader yielded no batches: give it at least one batch"
+            )
         return total
 
 

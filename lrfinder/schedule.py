@@ -44,14 +44,10 @@ def learning_rates(
     return rates
 
 
-def validate_schedule(
-    start_lr: float, end_lr: float, num_iter: int, mode: str
-) -> None:
+def validate_schedule(start_lr: float, end_lr: float, num_iter: int, mode: str) -> None:
     """Raise ValueError, naming the argument, unless the schedule is valid."""
     if mode not in SCHEDULE_MODES:
-        raise ValueError(
-            f"mode={mode!r} is invalid: use 'exponential' or 'linear'"
-        )
+        raise ValueError(f"mode={mode!r} is invalid: use 'exponential' or 'linear'")
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 2:
         raise ValueError(
             f"num_iter={num_iter!r} is invalid: a sweep needs an integer of at "
@@ -87,7 +83,9 @@ def group_ratios(base_lrs: Sequence[float]) -> list[float]:
                 f"optimizer.param_groups[{index}]['lr']={rate!r} is invalid: "
                 "use a finite learning rate of 0 or more"
             )
-    return [1.0 if index == 0 else rate / reference for index, rate in enumerate(base_lrs)]
+    return [
+        1.0 if index == 0 else rate / reference for index, rate in enumerate(base_lrs)
+    ]
 
 
 class LossSmoother:
