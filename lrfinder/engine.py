@@ -8,164 +8,42 @@ as they were. The worker, the CLI and library users all call it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 import typing
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from lrfinder.jobs import SUCCESSFUL_STOPS, Curve, Point, RunStatus, StopReason
-from lrfinder.restore import TrainingSnapshot, capture_modes, restore_modes
+from lrfinder.batch_stream import (
+    BatchStream,
+    ValidationSet,
+    check_count,
+    make_validation,
+)
+from lrfinder.jobs import Point, StopReason
+from lrfinder.optimizers import build_optimizer
+from lrfinder.precision import MixedPrecision
+from lrfinder.restore import TrainingSnapshot
+from lrfinder.result import RangeTestResult
 from lrfinder.schedule import (
     DivergenceRule,
     LossSmoother,
     group_ratios,
     learning_rates,
 )
-from lrfinder.spec import OptimizerSpec
+
+__all__ = ["RangeTestResult", "build_optimizer", "range_test"]
 
 logger = logging.getLogger(__name__)
 
-AmpMode = Literal["off", "bf16", "fp16"]
-AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 STOP_REASONS: frozenset[str] = frozenset(typing.get_args(StopReason))
 
 StepCallback = Callable[[Point], None]
 StopCheck = Callable[[], "str | bool | None"]
-
-
-@dataclass
-class RangeTestResult:
-    """The recorded points of one sweep and why it ended.
-
-    ``points`` holds one entry per optimizer step that ran. ``schedule`` is the
-    planned learning rate of every step, including steps that never ran
-    because the sweep stopped early.
-    """
-
-    points: list[Point]
-    stop_reason: StopReason
-    error: str | None = None
-    seconds: float = 0.0
-    skipped_steps: int = 0
-    schedule: list[float] = field(default_factory=list)
-    mode: str = "exponential"
-    validation: bool = False
-
-    @property
-    def lrs(self) -> list[float]:
-        """Learning rate of group 0 at every recorded step."""
-        return [point.lr for point in self.points]
-
-    @property
-    def losses(self) -> list[float | None]:
-        """Raw training loss of every step; None where it was not finite."""
-        return [point.loss for point in self.points]
-
-    @property
-    def smoothed_losses(self) -> list[float | None]:
-        """Smoothed training loss of every step; None where it was not finite."""
-        return [point.smoothed_loss for point in self.points]
-
-    @property
-    def val_losses(self) -> list[float | None] | None:
-        """Validation loss of every step, or None for a sweep without validation."""
-        if not self.validation:
-            return None
-        return [point.val_loss for point in self.points]
-
-    @property
-    def status(self) -> RunStatus:
-        """Run status that this stop reason gives in a job record."""
-        if self.stop_reason in SUCCESSFUL_STOPS:
-            return "succeeded"
-        if self.stop_reason == "cancelled":
-            return "cancelled"
-        return "failed"
-
-    def to_curve_dict(
-        self,
-        *,
-        batch_size: int,
-        repeat: int = 0,
-        status: RunStatus | None = None,
-        suggestions: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Return the sweep as a ``lrfinder.jobs.Curve`` dictionary."""
-        curve = Curve(
-            batch_size=batch_size,
-            repeat=repeat,
-            status=status or self.status,
-            stop_reason=self.stop_reason,
-            lr=self.lrs,
-            loss=self.losses,
-            smoothed_loss=self.smoothed_losses,
-            val_loss=self.val_losses,
-            samples=[point.samples for point in self.points],
-            suggestions=suggestions or {},
-        )
-        return curve.model_dump()
-
-    def suggest(
-        self, method: str = "valley", *, validation: bool = False, **options: Any
-    ) -> Any:
-        """Suggest a learning rate from this curve with ``lrfinder.analysis.suggest``.
-
-        Args:
-            method: one of ``lrfinder.analysis.METHODS``.
-            validation: use the validation losses in place of the training losses.
-            options: passed on to ``lrfinder.analysis.suggest``.
-
-        Returns:
-            The ``lrfinder.analysis.Suggestion``.
-        """
-        from lrfinder.analysis import suggest
-
-        losses = self.val_losses if validation else self.losses
-        if losses is None:
-            raise ValueError(
-                "validation=True needs a sweep run with val_loader and val_batches > 0"
-            )
-        # Only the last point can lack a loss, because a non-finite loss stops
-        # the sweep, so dropping it keeps the indices of the other points.
-        pairs = [(lr, loss) for lr, loss in zip(self.lrs, losses) if loss is not None]
-        options.setdefault("mode", self.mode)
-        return suggest(
-            [lr for lr, _ in pairs], [loss for _, loss in pairs], method, **options
-        )
-
-    def plot(self, ax: Any = None, *, smoothed: bool = True, **options: Any) -> Any:
-        """Draw loss against learning rate with ``lrfinder.plots.draw_curve``.
-
-        Draws into ``ax`` when given, else into a new matplotlib Figure (never
-        pyplot's global state). Returns the axes.
-        """
-        from lrfinder.plots import draw_curve
-
-        ax = ax if ax is not None else _new_axes()
-        losses = self.smoothed_losses if smoothed else self.losses
-        draw_curve(ax, self.lrs, losses, **options)
-        return ax
-
-    def plot_schedule(self, ax: Any = None, **options: Any) -> Any:
-        """Draw the learning rate of every step with ``lrfinder.plots.draw_schedule``."""
-        from lrfinder.plots import draw_schedule
-
-        ax = ax if ax is not None else _new_axes()
-        draw_schedule(ax, self.lrs, **options)
-        return ax
-
-
-def _new_axes() -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure().add_subplot()
 
 
 def range_test(
@@ -253,12 +131,12 @@ def range_test(
         optimizer,
         criterion,
         schedule=learning_rates(start_lr, end_lr, num_iter, mode),
-        batches=_BatchStream(train_loader, target_device, "train_loader"),
+        batches=BatchStream(train_loader, target_device, "train_loader"),
         smoother=LossSmoother(smooth_beta),
         divergence=DivergenceRule(diverge_threshold),
-        accumulation_steps=_check_count(accumulation_steps, "accumulation_steps", 1),
-        precision=_Precision(amp, target_device),
-        validation=_make_validation(val_loader, val_batches, target_device),
+        accumulation_steps=check_count(accumulation_steps, "accumulation_steps", 1),
+        precision=MixedPrecision(amp, target_device),
+        validation=make_validation(val_loader, val_batches, target_device),
         hooks=_Hooks(on_step, should_stop, _check_time_limit(time_limit_s)),
     )
     snapshot = TrainingSnapshot.capture(model, optimizer) if restore else None
@@ -315,51 +193,6 @@ def _describe_failure(exception: Exception) -> tuple[StopReason, str]:
     return "error", message
 
 
-def build_optimizer(
-    parameters: Iterable[Any], spec: OptimizerSpec, lr: float
-) -> torch.optim.Optimizer:
-    """Create the torch optimizer that an OptimizerSpec names.
-
-    Args:
-        parameters: tensors or parameter-group dictionaries, as torch accepts.
-        spec: the optimizer name and options of a job.
-        lr: initial learning rate; a sweep overwrites it at every step.
-
-    Returns:
-        torch.optim.SGD, Adam, AdamW or RMSprop.
-    """
-    if spec.name == "sgd":
-        return torch.optim.SGD(
-            parameters,
-            lr=lr,
-            momentum=spec.momentum,
-            nesterov=spec.nesterov,
-            weight_decay=spec.weight_decay,
-        )
-    if spec.name in ("adam", "adamw"):
-        optimizer_class = torch.optim.Adam if spec.name == "adam" else torch.optim.AdamW
-        return optimizer_class(
-            parameters,
-            lr=lr,
-            betas=spec.betas,
-            eps=spec.eps,
-            weight_decay=spec.weight_decay,
-        )
-    if spec.name == "rmsprop":
-        return torch.optim.RMSprop(
-            parameters,
-            lr=lr,
-            alpha=spec.alpha,
-            eps=spec.eps,
-            weight_decay=spec.weight_decay,
-            momentum=spec.momentum,
-        )
-    raise ValueError(
-        f"optimizer name {spec.name!r} is invalid: use 'sgd', 'adam', 'adamw' "
-        "or 'rmsprop'"
-    )
-
-
 class _Sweep:
     """The step loop of one range test and the points it records."""
 
@@ -370,12 +203,12 @@ class _Sweep:
         criterion: Callable[[Any, Any], torch.Tensor],
         *,
         schedule: list[float],
-        batches: _BatchStream,
+        batches: BatchStream,
         smoother: LossSmoother,
         divergence: DivergenceRule,
         accumulation_steps: int,
-        precision: _Precision,
-        validation: _Validation | None,
+        precision: MixedPrecision,
+        validation: ValidationSet | None,
         hooks: _Hooks,
     ) -> None:
         self.model = model
@@ -557,9 +390,9 @@ class _Hooks:
                 return "cancelled"
             if reason is not None and reason is not False:
                 return _check_stop_reason(reason)
-        if self.time_limit_s is not None:
-            if time.perf_counter() - started >= self.time_limit_s:
-                return "time_limit"
+        limit = self.time_limit_s
+        if limit is not None and time.perf_counter() - started >= limit:
+            return "time_limit"
         return None
 
     def step_done(self, point: Point) -> None:
@@ -585,14 +418,6 @@ def _check_time_limit(time_limit_s: float | None) -> float | None:
     return time_limit_s
 
 
-def _check_count(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{name}={value!r} is invalid: use an integer of at least {minimum}"
-        )
-    return value
-
-
 def _resolve_device(
     model: nn.Module, device: torch.device | str | None
 ) -> torch.device:
@@ -616,204 +441,3 @@ def _same_device(first: torch.device, second: torch.device) -> bool:
         return False
     # "cuda" names the current CUDA device, so it matches any CUDA index.
     return first.index is None or second.index is None or first.index == second.index
-
-
-class _Precision:
-    """Autocast and gradient scaling of the ``amp`` setting."""
-
-    def __init__(self, amp: str, device: torch.device) -> None:
-        if amp not in AMP_MODES:
-            raise ValueError(f"amp={amp!r} is invalid: use 'off', 'bf16' or 'fp16'")
-        self.device_type = device.type
-        self.dtype: torch.dtype | None = None
-        self.scaler: torch.amp.GradScaler | None = None
-        self.last_scale = 0.0
-        if amp != "off" and device.type != "cuda":
-            logger.info(
-                "amp=%r is ignored on %s: the sweep runs in full precision", amp, device
-            )
-            return
-        if amp == "bf16":
-            self.dtype = torch.bfloat16
-        elif amp == "fp16":
-            self.dtype = torch.float16
-            self.scaler = torch.amp.GradScaler(device.type)
-            self.last_scale = self.scaler.get_scale()
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.scaler is None:
-            loss.backward()
-        else:
-            self.scaler.scale(loss).backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-        """Update the parameters; with fp16 return the scale as a device tensor."""
-        if self.scaler is None:
-            optimizer.step()
-            return None
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        # NOTE: _get_scale_async is private in torch.amp.GradScaler (torch 2.2 to
-        # 2.14); it returns the scale without a host sync, so that the scale
-        # is read together with the loss.
-        return self.scaler._get_scale_async()
-
-    def skipped(self, scale: float | None) -> bool:
-        """Return whether the scaler skipped the step, seen as a lower scale."""
-        if scale is None:
-            return False
-        skipped = scale < self.last_scale
-        self.last_scale = scale
-        return skipped
-
-
-class _BatchStream:
-    """Endless batches of a re-iterable loader, moved to the device."""
-
-    def __init__(self, loader: Iterable[Any], device: torch.device, name: str) -> None:
-        _reject_empty(loader, name)
-        self.loader = loader
-        self.device = device
-        self.name = name
-        # The first iterator is made at the first batch, inside the sweep, so
-        # that a shuffling DataLoader draws its order after the random
-        # generators were captured for the restore.
-        self.iterator: Iterator[Any] | None = None
-        self.served = 0
-
-    def next(self) -> tuple[Any, Any, int]:
-        """Return the next (inputs, targets, sample count), starting a new epoch
-        when the loader runs out."""
-        if self.iterator is None:
-            self.iterator = iter(self.loader)
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.iterator = iter(self.loader)
-            batch = next(self.iterator, None)
-            if batch is None:
-                raise ValueError(self._exhausted_message()) from None
-        self.served += 1
-        return split_batch(batch, self.device, self.name)
-
-    def _exhausted_message(self) -> str:
-        if self.served == 0:
-            return f"{self.name} yielded no batches: give it at least one batch"
-        return (
-            f"{self.name} yielded no batches when iterated again after "
-            f"{self.served}: pass a re-iterable loader such as a DataLoader or "
-            "a list, not an iterator or a generator"
-        )
-
-
-def _reject_empty(loader: Iterable[Any], name: str) -> None:
-    try:
-        length = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return
-    if length == 0:
-        raise ValueError(f"{name} is empty: give it at least one batch")
-
-
-def split_batch(
-    batch: Any, device: torch.device, name: str = "loader"
-) -> tuple[Any, Any, int]:
-    """Return a batch's inputs and targets on ``device`` and its sample count.
-
-    A batch is a tuple or list whose first two items are the inputs and the
-    targets; further items are ignored.
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            f"{name} yielded a {type(batch).__name__}, not an (inputs, targets) "
-            "pair: yield tuples or lists whose first two items are inputs and targets"
-        )
-    inputs, targets = batch[0], batch[1]
-    return _to_device(inputs, device), _to_device(targets, device), _count(targets)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=device.type == "cuda")
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
-
-
-def _count(targets: Any) -> int:
-    if isinstance(targets, torch.Tensor):
-        return targets.shape[0] if targets.ndim > 0 else 1
-    return len(targets)
-
-
-class _Validation:
-    """Validation loss over the first ``batches`` batches of a loader."""
-
-    def __init__(
-        self, loader: Iterable[Any], batches: int, device: torch.device
-    ) -> None:
-        _reject_empty(loader, "val_loader")
-        self.loader = loader
-        self.batches = batches
-        self.device = device
-        self.samples = 0
-
-    @torch.no_grad()
-    def evaluate(
-        self, model: nn.Module, loss_of: Callable[[Any, Any], torch.Tensor]
-    ) -> torch.Tensor:
-        """Return the sum of sample-weighted batch losses, on the device."""
-        # The caller's flags (a frozen body may be in eval mode) are put back
-        # afterwards rather than switching the whole model to train mode.
-        modes = capture_modes(model)
-        model.eval()
-        try:
-            return self._weighted_sum(loss_of)
-        finally:
-            restore_modes(modes)
-
-    def _weighted_sum(
-        self, loss_of: Callable[[Any, Any], torch.Tensor]
-    ) -> torch.Tensor:
-        total = None
-        self.samples = 0
-        for index, batch in enumerate(self.loader):
-            if index == self.batches:
-                break
-            inputs, targets, count = split_batch(batch, self.device, "val_loader")
-            loss = loss_of(inputs, targets).detach()
-            # Half-precision sums overflow at 65504, so the sum is kept in at
-            # least float32.
-            weighted = loss.to(torch.promote_types(loss.dtype, torch.float32)) * count
-            total = weighted if total is None else total + weighted
-            self.samples += count
-        if total is None:
-            raise ValueError(
-                "val_loader yielded no batches: give it at least one batch"
-            )
-        return total
-
-
-def _make_validation(
-    loader: Iterable[Any] | None, batches: int, device: torch.device
-) -> _Validation | None:
-    _check_count(batches, "val_batches", 0)
-    if loader is None and batches > 0:
-        raise ValueError(
-            f"val_batches={batches} needs a val_loader: pass one, or set val_batches=0"
-        )
-    if loader is not None and batches == 0:
-        raise ValueError(
-            "val_loader is set but val_batches=0: set val_batches to the number "
-            "of validation batches evaluated per step, or pass val_loader=None"
-        )
-    if loader is None:
-        return None
-    return _Validation(loader, batches, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -91,13 +92,13 @@ def test_learning_rates_endpoints_exact(
 def test_learning_rates_exponential_constant_ratio() -> None:
     rates = learning_rates(1e-6, 1.0, 61, "exponential")
     expected_ratio = 10 ** (6 / 60)
-    ratios = [later / earlier for earlier, later in zip(rates, rates[1:])]
+    ratios = [later / earlier for earlier, later in itertools.pairwise(rates)]
     assert ratios == pytest.approx([expected_ratio] * 60, rel=1e-9)
 
 
 def test_learning_rates_linear_constant_difference() -> None:
     rates = learning_rates(0.5, 3.0, 11, "linear")
-    differences = [later - earlier for earlier, later in zip(rates, rates[1:])]
+    differences = [later - earlier for earlier, later in itertools.pairwise(rates)]
     assert differences == pytest.approx([0.25] * 10, rel=1e-9)
 
 
@@ -470,8 +471,8 @@ def assert_nested_equal(first: Any, second: Any, path: str = "") -> None:
 
 
 def assert_state_equal(before: dict[str, Any], after: dict[str, Any]) -> None:
-    for key in before:
-        assert_nested_equal(before[key], after[key], key)
+    for key, value in before.items():
+        assert_nested_equal(value, after[key], key)
 
 
 def prepared_training(optimizer_name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
