@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 STOP_REASONS: frozenset[str] = frozenset(typing.get_args(StopReason))
 
+# torch.OutOfMemoryError exists from torch 2.5; older releases raise the CUDA one.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 StepCallback = Callable[[Point], None]
 StopCheck = Callable[[], "str | bool | None"]
 
@@ -183,7 +186,7 @@ def _run_and_restore(
 def _describe_failure(exception: Exception) -> tuple[StopReason, str]:
     """Return the stop reason and message of an exception raised by a sweep."""
     message = f"{type(exception).__name__}: {exception}"
-    if isinstance(exception, torch.OutOfMemoryError):
+    if isinstance(exception, _OUT_OF_MEMORY):
         # Gradients and activations are released by the restore and by the
         # end of this handler; returning the cached blocks lets the next run
         # of a study start from an empty cache.
@@ -315,26 +318,22 @@ class _Sweep:
             val_loss = validation_total / self.validation.samples
         skipped = self.precision.skipped(scale_value)
         self.skipped_steps += skipped
-        non_finite = not math.isfinite(loss) or (
-            val_loss is not None and not math.isfinite(val_loss)
-        )
-        smoothed = None
-        diverged = False
-        if not non_finite:
-            smoothed = self.smoother.update(loss)
-            diverged = self.divergence.update(smoothed)
+
+        # A non-finite loss is recorded as None and never enters the average.
+        loss_finite = math.isfinite(loss)
+        val_finite = val_loss is None or math.isfinite(val_loss)
+        smoothed = self.smoother.update(loss) if loss_finite else None
+        diverged = smoothed is not None and self.divergence.update(smoothed)
         point = Point(
             step=step,
             lr=group_lrs[0],
-            loss=None if non_finite else loss,
+            loss=loss if loss_finite else None,
             smoothed_loss=smoothed,
             samples=self.samples,
             elapsed_s=time.perf_counter() - started,
             group_lrs=group_lrs,
-            val_loss=val_loss
-            if val_loss is not None and math.isfinite(val_loss)
-            else None,
-            non_finite=non_finite,
+            val_loss=val_loss if val_finite else None,
+            non_finite=not (loss_finite and val_finite),
             skipped=skipped,
         )
         self.points.append(point)

@@ -21,18 +21,20 @@ class MixedPrecision:
             raise ValueError(f"amp={amp!r} is invalid: use 'off', 'bf16' or 'fp16'")
         self.device_type = device.type
         self.dtype: torch.dtype | None = None
-        self.scaler: torch.amp.GradScaler | None = None
+        self.scaler: Any = None
         self.last_scale = 0.0
         if amp != "off" and device.type != "cuda":
             logger.info(
-                "amp=%r is ignored on %s: the sweep runs in full precision", amp, device
+                "amp=%r is ignored on %s: the sweep runs in the model's precision",
+                amp,
+                device,
             )
             return
         if amp == "bf16":
             self.dtype = torch.bfloat16
         elif amp == "fp16":
             self.dtype = torch.float16
-            self.scaler = torch.amp.GradScaler(device.type)
+            self.scaler = _grad_scaler()
             self.last_scale = self.scaler.get_scale()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -65,3 +67,10 @@ class MixedPrecision:
         skipped = scale < self.last_scale
         self.last_scale = scale
         return skipped
+
+
+def _grad_scaler() -> Any:
+    """Create a CUDA GradScaler; torch.amp.GradScaler exists from torch 2.3."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
