@@ -34,15 +34,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d, median_filter
 from scipy.signal import savgol_filter
 
 METHODS = ("valley", "steep", "minimum", "slide", "steepest_gradient", "range")
 MODES = ("exponential", "linear")
-SMOOTHINGS = ("savgol", "gaussian", "none")
+SMOOTHINGS = ("gaussian", "savgol", "none")
 
 Mode = Literal["exponential", "linear"]
-Smoothing = Literal["savgol", "gaussian", "none"]
+Smoothing = Literal["gaussian", "savgol", "none"]
 
 # Points each method needs after trimming.
 MINIMUM_POINTS = {
@@ -55,6 +55,7 @@ MINIMUM_POINTS = {
 SMOOTHING_MIN_WINDOW = 5
 SMOOTHING_WINDOW_FRACTION = 0.15
 SAVGOL_ORDER = 2
+MEDIAN_WINDOW = 5
 
 # The trims of fastai 2.8 (valley, steep, minimum, slide) and of torch-lr-finder
 # 0.2.2 (steepest gradient); range uses fastai's.
@@ -132,7 +133,7 @@ def suggest(
     method: str = "valley",
     *,
     mode: str = "exponential",
-    smoothing: str = "savgol",
+    smoothing: str = "gaussian",
     window: int | None = None,
     skip_start: int | None = None,
     skip_end: int | None = None,
@@ -173,7 +174,7 @@ def suggest_all(
     losses: Sequence[float | None],
     *,
     mode: str = "exponential",
-    smoothing: str = "savgol",
+    smoothing: str = "gaussian",
     window: int | None = None,
 ) -> dict[str, Suggestion]:
     """Return the suggestion of every method in ``METHODS`` by name."""
@@ -211,7 +212,7 @@ def prepare_curve(
     losses: Sequence[float | None],
     *,
     mode: str = "exponential",
-    smoothing: str = "savgol",
+    smoothing: str = "gaussian",
     window: int | None = None,
 ) -> PreparedCurve:
     """Exclude non-finite losses, fill interior gaps and smooth the curve."""
@@ -274,13 +275,18 @@ def fill_gaps(axis: np.ndarray, losses: np.ndarray) -> np.ndarray:
 
 
 def smooth_losses(
-    losses: np.ndarray, smoothing: str = "savgol", window: int | None = None
+    losses: np.ndarray, smoothing: str = "gaussian", window: int | None = None
 ) -> tuple[np.ndarray, str]:
     """Smooth finite losses with a centered (zero-lag) filter in index space.
 
-    Returns the smoothed losses and a description of the filter applied. Both
-    filters are linear and keep constants, so shifting or positively scaling
-    the losses does the same to the result.
+    "gaussian" first takes a running median over 5 points, which removes
+    isolated spikes such as a single diverged batch, then a Gaussian whose
+    weights are all positive, so a blow-up at the end raises its neighbours
+    and never digs a false minimum. "savgol" fits a quadratic in each window;
+    it keeps the shape of the minimum better but its negative weights let a
+    large spike pull nearby points down. Returns the smoothed losses and a
+    description of the filter. The filters commute with shifting and positive
+    scaling of the losses, so suggestions do not depend on the loss's scale.
     """
     if smoothing not in SMOOTHINGS:
         raise ValueError(
@@ -295,12 +301,21 @@ def smooth_losses(
     if len(losses) < SMOOTHING_MIN_WINDOW or size < SMOOTHING_MIN_WINDOW:
         return losses.copy(), "none (too few points to smooth)"
     if smoothing == "gaussian":
-        sigma = size / 6
-        smoothed = gaussian_filter1d(losses, sigma, mode="nearest")
-        return smoothed, f"gaussian(sigma={sigma:g} points, centered)"
+        return smooth_gaussian(losses, size)
     size = min(odd_at_most(size), odd_at_most(len(losses)))
     smoothed = savgol_filter(losses, size, SAVGOL_ORDER, mode="interp")
     return smoothed, f"savgol(window={size}, order={SAVGOL_ORDER}, centered)"
+
+
+def smooth_gaussian(losses: np.ndarray, window: int) -> tuple[np.ndarray, str]:
+    despiked = median_filter(losses, size=MEDIAN_WINDOW, mode="nearest")
+    sigma = window / 6
+    smoothed = gaussian_filter1d(despiked, sigma, mode="nearest")
+    description = (
+        f"median(window={MEDIAN_WINDOW}) then gaussian(sigma={sigma:g} points), "
+        "centered"
+    )
+    return smoothed, description
 
 
 def default_window(points: int) -> int:
@@ -535,9 +550,7 @@ def find_slide(
         position = left
         right -= 1
         left -= 1
-    return answer(
-        "slide", curve, start + position, end - start, threshold_loss=limit
-    )
+    return answer("slide", curve, start + position, end - start, threshold_loss=limit)
 
 
 def valley_depth(losses: np.ndarray) -> float:
