@@ -261,7 +261,9 @@ SeedOption = Annotated[
 ]
 LabelOption = Annotated[
     str | None,
-    typer.Option(help="Free-text label of the job. Sets label.", rich_help_panel=SPEC_PANEL),
+    typer.Option(
+        help="Free-text label of the job. Sets label.", rich_help_panel=SPEC_PANEL
+    ),
 ]
 TimeLimitOption = Annotated[
     float | None,
@@ -564,9 +566,7 @@ def curve_of_run(run: RunResult, mode: str) -> dict[str, Any]:
     return curve.model_dump(mode="json")
 
 
-def write_study_outputs(
-    spec: JobSpec, result: StudyResult, out: Path
-) -> list[Path]:
+def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[Path]:
     """Write curves.json, analysis.json and the plots; return the paths written."""
     from lrfinder.analysis import analyze_study
 
@@ -978,8 +978,10 @@ def list_jobs(
     api_key: ApiKeyOption = None,
     status: Annotated[
         str | None,
-        typer.Option(help="Only jobs with this status: queued, running, succeeded, "
-        "failed or cancelled."),
+        typer.Option(
+            help="Only jobs with this status: queued, running, succeeded, "
+            "failed or cancelled."
+        ),
     ] = None,
     limit: Annotated[int, typer.Option(help="Jobs per page.")] = 20,
     offset: Annotated[int, typer.Option(help="Jobs to skip, newest first.")] = 0,
@@ -992,7 +994,15 @@ def list_jobs(
         print_json(page.model_dump(mode="json"))
         return
     table = Table(title=f"jobs {offset + 1}-{offset + len(page.jobs)} of {page.total}")
-    for column in ("id", "status", "created", "model", "dataset", "batch sizes", "label"):
+    for column in (
+        "id",
+        "status",
+        "created",
+        "model",
+        "dataset",
+        "batch sizes",
+        "label",
+    ):
         table.add_column(column)
     for job in page.jobs:
         table.add_row(
@@ -1009,7 +1019,9 @@ def list_jobs(
 
 @app.command()
 def models(
-    server: ServerOption = None, api_key: ApiKeyOption = None, as_json: JsonOption = False
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List the models the server can run."""
     with connect(server, api_key) as client:
@@ -1023,7 +1035,9 @@ def models(
 
 @app.command()
 def datasets(
-    server: ServerOption = None, api_key: ApiKeyOption = None, as_json: JsonOption = False
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List the datasets in the server's catalog."""
     with connect(server, api_key) as client:
@@ -1220,3 +1234,7 @@ def keys_revoke(
         )
     for record in revoked:
         output.print(f"revoked key {record.id} of {record.name}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
-from httpx_sse import SSEError, ServerSentEvent, aconnect_sse, connect_sse
+from httpx_sse import ServerSentEvent, SSEError, aconnect_sse, connect_sse
 from pydantic import BaseModel, ConfigDict
 
 from lrfinder import __version__
@@ -360,7 +360,9 @@ class BaseClient:
 
     def stream_timeout(self, deadline: float | None) -> httpx.Timeout:
         left = seconds_left(deadline)
-        read = STREAM_READ_TIMEOUT_S if left is None else min(STREAM_READ_TIMEOUT_S, left)
+        read = (
+            STREAM_READ_TIMEOUT_S if left is None else min(STREAM_READ_TIMEOUT_S, left)
+        )
         return httpx.Timeout(self.timeout, read=max(read, 0.1))
 
     def stream_headers(self, tracker: ProgressTracker) -> dict[str, str]:

@@ -225,9 +225,8 @@ def test_async_client_follows_job(client: Client, api_service: ApiServer) -> Non
 
 def test_client_connection_error_names_address() -> None:
     address = f"http://127.0.0.1:{free_port()}"
-    with Client(address) as unreachable:
-        with pytest.raises(ServerConnectionError) as caught:
-            unreachable.models()
+    with Client(address) as unreachable, pytest.raises(ServerConnectionError) as caught:
+        unreachable.models()
     message = str(caught.value)
     assert address in message
     assert "LRFINDER_SERVER" in message
@@ -241,7 +240,13 @@ def job_body(status: str, step: int = 0) -> dict[str, Any]:
     job = Job(id="abc123", status=status, spec=spec, created_at=time.time())
     body = job.model_dump(mode="json")
     body["runs"] = [
-        {"batch_size": 8, "repeat": 0, "status": "running", "step": step, "num_iter": 20}
+        {
+            "batch_size": 8,
+            "repeat": 0,
+            "status": "running",
+            "step": step,
+            "num_iter": 20,
+        }
     ]
     return body
 
@@ -269,7 +274,9 @@ class DroppingServer:
             body = event("1-0", "progress", '{"run": "8-0", "step": 5, "num_iter": 20}')
         else:
             self.finished = True
-            body = event("2-0", "progress", '{"run": "8-0", "step": 20, "num_iter": 20}')
+            body = event(
+                "2-0", "progress", '{"run": "8-0", "step": 20, "num_iter": 20}'
+            )
             body += event("3-0", "end", '{"status": "succeeded"}')
         headers = {"content-type": "text/event-stream"}
         return httpx.Response(200, text=body, headers=headers)
@@ -325,7 +332,8 @@ def test_client_error_carries_server_fields() -> None:
     def reject(request: httpx.Request) -> httpx.Response:
         return httpx.Response(422, json=error_body)
 
-    with Client("http://testserver", transport=httpx.MockTransport(reject)) as client:
+    transport = httpx.MockTransport(reject)
+    with Client("http://testserver", transport=transport) as client:
         with pytest.raises(ClientError) as caught:
             client.submit({"batch_sizes": [8, 0]})
     assert caught.value.fields[0].field == "batch_sizes[1]"
