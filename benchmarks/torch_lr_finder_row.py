@@ -49,14 +49,15 @@ def build_loader(workload: Workload, batch_size: int) -> DataLoader:
                       num_workers=LOADER_WORKERS, drop_last=True)
 
 
-def range_test(workload: Workload, batch_size: int) -> list[float]:
+def range_test(workload: Workload, batch_size: int,
+               device: str = "cpu") -> list[float]:
     """Run torch-lr-finder's range test for one batch size; return its losses."""
     loader = build_loader(workload, batch_size)
     torch.manual_seed(workload.seed)
     model = torchvision.models.resnet18(num_classes=len(loader.dataset.classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=workload.start_lr,
                                 momentum=workload.momentum)
-    finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(), device="cpu")
+    finder = LRFinder(model, optimizer, nn.CrossEntropyLoss(), device=device)
     # torch-lr-finder prints a progress bar and a closing line; keep them
     # out of the benchmark's output.
     with contextlib.redirect_stdout(io.StringIO()):
