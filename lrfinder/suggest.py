@@ -604,10 +604,11 @@ def find_range(
 ) -> Suggestion:
     """Return Smith's bounds for a cyclical schedule (Smith, 2017).
 
-    Between the highest loss before the minimum and the minimum, the lower
-    bound is the first point where the loss has fallen by ``lower_fraction``
-    of the total drop (the loss starts to fall) and the upper bound the first
-    where it has fallen by ``upper_fraction`` (it stops falling). ``lr`` is the
+    Between the highest loss before the minimum and the minimum, the upper
+    bound is the first point where the loss has fallen by ``upper_fraction``
+    of the total drop (it stops falling), and the lower bound the point after
+    the last one before the upper bound that has fallen by less than
+    ``lower_fraction`` (the loss starts to fall for good). ``lr`` is the
     upper bound, the maximum LR of a cyclical or one-cycle schedule; ``extra``
     holds both bounds.
     """
@@ -626,8 +627,11 @@ def find_range(
     if drop <= 0:
         return no_answer("range", curve, "no_descent", end - start)
     fallen = (losses[top] - losses[top : lowest + 1]) / drop
-    lower = start + top + int(np.argmax(fallen >= lower_fraction))
-    upper = start + top + int(np.argmax(fallen >= upper_fraction))
+    upper = int(np.argmax(fallen >= upper_fraction))
+    # The fall starts after the last point before the upper bound that is still
+    # above the lower level, so ripples on the plateau do not count.
+    lower = int(np.flatnonzero(fallen[: upper + 1] < lower_fraction)[-1]) + 1
+    lower, upper = start + top + min(lower, upper), start + top + upper
     return answer(
         "range",
         curve,
