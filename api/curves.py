@@ -19,7 +19,7 @@ from lrfinder.store import Store
 SUGGESTION_METHODS = ("valley", "steep", "minimum", "slide", "steepest_gradient", "range")
 ALL_METHODS = "all"
 MethodName = Literal[(*SUGGESTION_METHODS, ALL_METHODS)]  # type: ignore[valid-type]
-PlotMethodName = Literal[SUGGESTION_METHODS]  # type: ignore[valid-type]
+PlotMethodName = Literal[(*SUGGESTION_METHODS, "none")]  # type: ignore[valid-type]
 
 CSV_COLUMNS = (
     "job_id",
@@ -154,7 +154,9 @@ def analyze(job: Job, curves: list[Curve]) -> dict[str, Any]:
     return analysis.analyze_study(
         [curve.model_dump(mode="json") for curve in curves],
         mode=job.spec.sweep.mode,
-        model_has_batchnorm=model_has_batchnorm(job.spec.model.name),
+        # A frozen body runs in eval mode, so its BatchNorm statistics are fixed.
+        model_has_batchnorm=model_has_batchnorm(job.spec.model.name)
+        and not job.spec.model.freeze,
     )
 
 

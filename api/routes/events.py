@@ -31,6 +31,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 STREAM_ID_PATTERN = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 READ_COUNT = 200
+READ_TIMEOUT_MARGIN_S = 10.0
 # Milliseconds a browser waits before reconnecting after a dropped stream.
 RECONNECT_MS = 2000
 
@@ -39,8 +40,12 @@ def async_redis(request: Request) -> redis.asyncio.Redis:
     """Return the app's asyncio Redis client, created on first use."""
     state = request.app.state
     if getattr(state, "async_redis", None) is None:
+        # A blocked XREAD waits up to one keep-alive period for an answer.
         state.async_redis = redis.asyncio.Redis.from_url(
-            state.settings.redis_url, decode_responses=True, socket_connect_timeout=5.0
+            state.settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=5.0,
+            socket_timeout=state.sse_keepalive_s + READ_TIMEOUT_MARGIN_S,
         )
     return state.async_redis
 
@@ -76,11 +81,15 @@ async def stream_events(
     """Yield the job's events after ``after`` until its "end" event."""
     stream_key = store.job_key(job_id, "events")
     yield f"retry: {RECONNECT_MS}\n\n"
+    # The first read returns at once, so that a client resuming a finished
+    # job gets its "end" event without waiting for a keep-alive period.
+    block_ms: int | None = None
     try:
         while True:
             reply = await client.xread(
-                {stream_key: after}, count=READ_COUNT, block=int(keepalive_s * 1000)
+                {stream_key: after}, count=READ_COUNT, block=block_ms
             )
+            block_ms = int(keepalive_s * 1000)
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 after = entry_id

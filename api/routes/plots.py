@@ -22,6 +22,7 @@ MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 MIN_SIDE_PX = 200
 MAX_SIDE_PX = 3000
 
+NO_MARKER = "none"
 SidePixels = Annotated[int, Query(ge=MIN_SIDE_PX, le=MAX_SIDE_PX)]
 
 
@@ -79,14 +80,19 @@ def render(
     """Load the curves and draw one plot (blocking: runs in a worker thread)."""
     from lrfinder import plots
 
+    method = options.pop("method")
     size = {key: options.pop(key) for key in ("width", "height", "format")}
-    curves, _ = build_curves(store, job, options["method"], cache)
+    curves, _ = build_curves(store, job, method or "valley", cache)
     curve_dicts = [curve.model_dump(mode="json") for curve in curves]
+    mode = job.spec.sweep.mode
     if name == "loss-vs-lr":
-        return plots.plot_loss_vs_lr(curve_dicts, **options, **size)
+        return plots.plot_loss_vs_lr(
+            curve_dicts, method=method, mode=mode, **options, **size
+        )
     if name == "lr-schedule":
-        return plots.plot_lr_schedule(curve_dicts, **size)
-    return plots.plot_batch_size_scaling(analyze(job, curves), **size)
+        return plots.plot_lr_schedule(curve_dicts, mode=mode, **size)
+    study = analyze(job, curves)
+    return plots.plot_batch_size_scaling(study, method=method or "valley", **size)
 
 
 @router.get(
@@ -104,8 +110,13 @@ async def get_plot(
         str | None, Query(max_length=200, description="Comma-separated, e.g. 64,32.")
     ] = None,
     smoothed: bool = True,
-    method: PlotMethodName = "valley",
-    bands: bool = False,
+    method: Annotated[
+        PlotMethodName, Query(description="Suggestion to mark; 'none' for no marker.")
+    ] = "valley",
+    bands: Annotated[
+        bool | None,
+        Query(description="Median and quartile band of repeats (default: when repeated)."),
+    ] = None,
     width: SidePixels = 900,
     height: SidePixels = 600,
 ) -> Response:
@@ -113,7 +124,7 @@ async def get_plot(
     name, suffix = parse_filename(filename)
     job = await run_in_threadpool(load_visible_job, store, principal, job_id)
     options: dict[str, Any] = {
-        "method": method,
+        "method": None if method == NO_MARKER else method,
         "width": width,
         "height": height,
         "format": suffix,
