@@ -11,10 +11,13 @@ The last part sends jobs to a real worker subprocess running the real study.
 
 from __future__ import annotations
 
+import itertools
 import math
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -23,12 +26,18 @@ from lrfinder.settings import Settings
 from lrfinder.spec import JobSpec, RunKey
 from lrfinder.store import Store
 from tests.stack import (  # noqa: F401
+    RedisServer,
     Service,
     is_final,
     redis_service,
     send_job,
+    service_env,
+    show_logs_on_failure,
+    start_worker,
     store,
     wait_for_job,
+    wait_until,
+    worker_process,
     worker_service,
 )
 from worker.execution import JobExecution, JobHeartbeat
@@ -287,6 +296,20 @@ def test_hooks_run_end_writes_rest(store: Store) -> None:
     assert state.attempt == 1
 
 
+def test_hooks_leave_run_started_after_stop(store: Store) -> None:
+    job = store.create_job(SPEC)
+    key = RunKey(batch_size=8)
+    store.record_progress(job.id, "8-0", [make_point(0)], job.runs[1])
+    stop = stop_conditions(store, job.id, lambda: 0.0)
+    stop.shutdown.set()
+    stop.check()
+    hooks = RedisHooks(store, job.id, {"8-0": job.runs[1]}, stop, clock=lambda: 0.0)
+    hooks.on_run_start(key)
+    hooks.on_run_end(key, FakeRunResult(key, [], "interrupted"))
+    assert store.get_points(job.id, "8-0") == [make_point(0)]
+    assert store.get_runs(job.id)["8-0"].attempt == 0
+
+
 # Job execution with the stand-in study.
 
 
@@ -527,3 +550,183 @@ def test_reaper_leaves_job_with_lock(store: Store) -> None:
     job_id = lost_job(store, attempts=0)
     store.acquire_lock(job_id, "alive")
     assert reap_lost_jobs(store, Settings(max_attempts=2), lambda job_id: None) == []
+
+
+# A real Celery worker running the real study on photos.
+
+PHOTOS_SPEC = JobSpec(
+    model={"name": "small_cnn"},
+    dataset={"name": "photos", "image_size": 32},
+    batch_sizes=[16, 8],
+    sweep={"num_iter": 30},
+)
+# Long enough to cancel or interrupt mid-run: no divergence stop, small rates.
+LONG_SPEC = PHOTOS_SPEC.model_copy(
+    update={
+        "batch_sizes": [8, 4],
+        "sweep": PHOTOS_SPEC.sweep.model_copy(
+            update={"num_iter": 3000, "end_lr": 1e-2, "diverge_threshold": None}
+        ),
+    }
+)
+
+
+def submit(store: Store, redis_url: str, spec: JobSpec, queue: str = "lrfinder") -> str:
+    job = store.create_job(spec)
+    send_job(redis_url, job.id, queue)
+    return job.id
+
+
+def wait_for_points(
+    store: Store, job_id: str, run_name: str, count: int, worker: Service
+) -> None:
+    wait_for_job(
+        store,
+        job_id,
+        lambda job: store.count_points(job_id, run_name) >= count or is_final(job),
+        services=(worker,),
+    )
+
+
+def running_events(store: Store, job_id: str) -> int:
+    events = store.read_events(job_id, count=100_000)
+    return sum(
+        1
+        for event in events
+        if event.type == "status" and event.data["status"] == "running"
+    )
+
+
+@pytest.mark.slow
+def test_worker_runs_study_on_photos(
+    store: Store,
+    redis_service: RedisServer,
+    worker_service: Service,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.append(worker_service)
+    job_id = submit(store, redis_service.url, PHOTOS_SPEC)
+    done = wait_for_job(store, job_id, is_final, services=(worker_service,))
+    assert done.status == "succeeded", done.error
+    assert done.partial is False
+    assert done.device == "cpu"
+    assert done.data is not None and done.data.images > 0
+    for run in done.runs:
+        points = store.get_points(job_id, f"{run.batch_size}-0")
+        lrs = [point.lr for point in points]
+        assert run.status == "succeeded"
+        assert len(points) == run.step
+        assert len(points) >= 2, run
+        assert all(later > earlier for earlier, later in itertools.pairwise(lrs)), run
+        # The last point may be the non-finite loss that stopped the sweep.
+        assert all(
+            point.loss is not None and math.isfinite(point.loss)
+            for point in points[:-1]
+        ), run
+
+
+@pytest.mark.slow
+def test_worker_cancel_mid_run_keeps_curve(
+    store: Store,
+    redis_service: RedisServer,
+    worker_service: Service,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.append(worker_service)
+    job_id = submit(store, redis_service.url, LONG_SPEC)
+    wait_for_points(store, job_id, "8-0", 5, worker_service)
+    store.request_cancel(job_id)
+    done = wait_for_job(store, job_id, is_final, services=(worker_service,))
+    assert (done.status, done.reason) == ("cancelled", "cancelled")
+    first = done.runs[0]
+    assert (first.status, first.stop_reason) == ("cancelled", "cancelled")
+    kept = store.count_points(job_id, "8-0")
+    assert 5 <= kept < LONG_SPEC.sweep.num_iter
+    assert done.runs[1].status == "cancelled"
+
+
+@pytest.mark.slow
+def test_worker_same_message_twice_runs_once(
+    store: Store,
+    redis_service: RedisServer,
+    worker_service: Service,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.append(worker_service)
+    job_id = submit(store, redis_service.url, PHOTOS_SPEC)
+    send_job(redis_service.url, job_id)
+    done = wait_for_job(store, job_id, is_final, services=(worker_service,))
+    wait_until(
+        lambda: (
+            f"job {job_id}: already succeeded; skipping" in worker_service.log_text()
+        ),
+        timeout_s=60.0,
+        message="the worker takes the second message",
+    )
+    assert done.status == "succeeded"
+    assert running_events(store, job_id) == 1
+    assert store.get_job(job_id).attempts == 1
+    assert [run.attempt for run in store.get_job(job_id).runs] == [1, 1]
+
+
+@pytest.mark.slow
+def test_worker_study_error_fails_with_code(
+    store: Store,
+    redis_service: RedisServer,
+    worker_service: Service,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.append(worker_service)
+    spec = PHOTOS_SPEC.model_copy(
+        update={
+            "dataset": PHOTOS_SPEC.dataset.model_copy(
+                update={"name": "no-such-dataset"}
+            )
+        }
+    )
+    job_id = submit(store, redis_service.url, spec)
+    failed = wait_for_job(store, job_id, is_final, services=(worker_service,))
+    assert failed.status == "failed"
+    assert failed.reason == "dataset_unknown"
+    assert "no-such-dataset" in failed.error
+
+
+@pytest.mark.slow
+def test_worker_sigterm_requeues_and_resumes(
+    store: Store,
+    redis_service: RedisServer,
+    data_root: Path,
+    tmp_path: Path,
+    show_logs_on_failure: list[Service],
+) -> None:
+    env = service_env(redis_service.url, data_root)
+    spec = LONG_SPEC.model_copy(
+        update={"sweep": LONG_SPEC.sweep.model_copy(update={"num_iter": 400})}
+    )
+    first = start_worker(
+        redis_service.url, env, name="first", queue="sigterm", log_dir=tmp_path
+    )
+    show_logs_on_failure.append(first)
+    try:
+        job_id = submit(store, redis_service.url, spec, queue="sigterm")
+        wait_for_points(store, job_id, "8-0", 5, first)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout_s=60.0), "the worker did not exit after SIGTERM"
+    finally:
+        first.stop()
+    queued = store.get_job(job_id)
+    assert queued.status == "queued"
+    assert queued.attempts == 0
+    assert (queued.runs[0].status, queued.runs[0].stop_reason) == (
+        "pending",
+        "interrupted",
+    )
+    assert store.count_points(job_id, "8-0") >= 5
+    with worker_process(
+        redis_service.url, env, name="second", queue="sigterm", log_dir=tmp_path
+    ) as second:
+        show_logs_on_failure.append(second)
+        done = wait_for_job(store, job_id, is_final, services=(second,))
+    assert done.status == "succeeded", done.error
+    assert store.count_points(job_id, "8-0") == done.runs[0].step
+    assert [run.attempt for run in done.runs] == [2, 1]

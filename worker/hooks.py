@@ -126,11 +126,17 @@ class RedisHooks:
         self._buffer: list[Point] = []
         self._last_flush = clock()
         self._points_in_run = 0
+        self._skipped: set[str] = set()
 
     def on_data(self, report: DataReport) -> None:
         self.store.set_data_report(self.job_id, report)
 
     def on_run_start(self, key: RunKey) -> None:
+        if self.stop.reason is not None:
+            # The job is stopping, so this run records nothing; its earlier
+            # state and points stay, and the job's ending closes it.
+            self._skipped.add(key.name)
+            return
         state = self.runs[key.name]
         state.status = "running"
         state.step = 0
@@ -156,6 +162,8 @@ class RedisHooks:
 
     def on_run_end(self, key: RunKey, result: Any) -> None:
         """Store the run's outcome; ``result`` is a ``lrfinder.study.RunResult``."""
+        if key.name in self._skipped:
+            return
         state = self.runs[key.name]
         state.step = len(result.points)
         state.status = run_status(result.stop_reason, len(result.points))  # type: ignore[assignment]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lrfinder.errors import StudyError
 from lrfinder.settings import get_settings
 from worker import presence
 from worker.app import app
@@ -17,12 +18,11 @@ logger = logging.getLogger(__name__)
 def run_job(self: Any, job_id: str) -> str:
     """Run the job ``job_id`` unless another execution has it or it is finished."""
     # Imported here so that loading the task module costs no torch import.
-    from lrfinder.study import StudyError, run_study
+    from lrfinder.study import run_study
 
-    queue = (self.request.delivery_info or {}).get(
-        "routing_key"
-    ) or get_settings().queue
-    if self.request.redelivered:
+    delivery = self.request.delivery_info or {}
+    queue = delivery.get("routing_key") or get_settings().queue
+    if delivery.get("redelivered"):
         logger.warning("job %s: message delivered again", job_id)
 
     def requeue(requeued_id: str) -> None:
