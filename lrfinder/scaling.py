@@ -68,48 +68,74 @@ class BatchSummary:
 def summarize(samples: Samples) -> tuple[list[BatchSummary], bool]:
     """Return the batch sizes that have at least one learning rate, with weights.
 
-    With one repeat every batch size weighs the same. With more, the weight is
-    1 / variance of the median, from the seeds' spread (floored at a share of
-    the pooled variance); a batch size with one usable seed gets the pooled
-    variance. The flag is true when the weights are such inverse variances
-    rather than equal.
+    The weights come from ``median_weights``; the flag is true when they are
+    inverse variances rather than equal.
     """
-    logs = {
-        batch_size: np.log([lr for lr in by_repeat.values() if valid_lr(lr)])
-        for batch_size, by_repeat in sorted(samples.items())
-    }
-    logs = {batch_size: values for batch_size, values in logs.items() if len(values)}
-    pooled = pooled_variance(list(logs.values()))
+    batch_sizes, matrix = log_matrix(samples)
+    weights, replicated = median_weights(matrix[None])
     summaries = []
-    for batch_size, values in logs.items():
-        weight = median_weight(values, pooled)
-        summaries.append(BatchSummary(batch_size, values, weight))
-    return summaries, pooled is not None and pooled > 0
+    for row, batch_size in enumerate(batch_sizes):
+        values = matrix[row][np.isfinite(matrix[row])]
+        if len(values):
+            summaries.append(BatchSummary(int(batch_size), values, weights[0, row]))
+    return summaries, bool(replicated[0])
 
 
 def valid_lr(lr: float | None) -> bool:
     return lr is not None and math.isfinite(lr) and lr > 0
 
 
-def pooled_variance(groups: list[np.ndarray]) -> float | None:
-    """Return the within-group variance pooled over groups of 2 or more values."""
-    sizes = [len(group) for group in groups if len(group) >= 2]
-    if not sizes:
-        return None
-    squares = sum(
-        float(((group - group.mean()) ** 2).sum())
-        for group in groups
-        if len(group) >= 2
-    )
-    return squares / sum(size - 1 for size in sizes)
+def log_matrix(samples: Samples) -> tuple[np.ndarray, np.ndarray]:
+    """Return the batch sizes and a (batch size, repeat) matrix of log(lr).
+
+    Missing, None and non-positive learning rates are NaN.
+    """
+    batch_sizes = np.array(sorted(samples), dtype=int)
+    repeats = sorted({repeat for by_repeat in samples.values() for repeat in by_repeat})
+    matrix = np.full((len(batch_sizes), len(repeats)), np.nan)
+    for row, batch_size in enumerate(batch_sizes):
+        for column, repeat in enumerate(repeats):
+            lr = samples[int(batch_size)].get(repeat)
+            if valid_lr(lr):
+                matrix[row, column] = math.log(lr)
+    return batch_sizes, matrix
 
 
-def median_weight(values: np.ndarray, pooled: float | None) -> float:
-    if pooled is None or pooled == 0:
-        return 1.0
-    own = float(np.var(values, ddof=1)) if len(values) >= 2 else pooled
-    variance = max(own, VARIANCE_FLOOR_SHARE * pooled)
-    return len(values) / (MEDIAN_VARIANCE_FACTOR * variance)
+def median_weights(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the weight of each row's median for a stack of log(lr) matrices.
+
+    ``values`` has shape (resamples, batch sizes, repeats) with NaN for missing
+    values. Without repeats every batch size with a value weighs 1. With them,
+    the weight is 1 / variance of the median, from the row's spread floored at
+    a share of the variance pooled over rows; a row with one value gets the
+    pooled variance. Returns the weights (0 for empty rows) and, per resample,
+    whether they are such inverse variances.
+    """
+    counts = np.isfinite(values).sum(axis=-1)
+    filled = np.where(np.isfinite(values), values, 0.0)
+    means = filled.sum(axis=-1) / np.maximum(counts, 1)
+    deviations = np.where(np.isfinite(values), values - means[..., None], 0.0)
+    squares = (deviations**2).sum(axis=-1)
+    spread_rows = counts >= 2
+    freedom = np.where(spread_rows, counts - 1, 0).sum(axis=-1)
+    pooled = np.where(spread_rows, squares, 0.0).sum(axis=-1) / np.maximum(freedom, 1)
+    replicated = (freedom > 0) & (pooled > 0)
+    own = np.where(spread_rows, squares / np.maximum(counts - 1, 1), pooled[..., None])
+    variance = np.maximum(own, VARIANCE_FLOOR_SHARE * pooled[..., None])
+    safe_variance = np.where(replicated[..., None], variance, 1.0)
+    inverse = counts / (MEDIAN_VARIANCE_FACTOR * safe_variance)
+    equal = (counts > 0).astype(float)
+    return np.where(replicated[..., None], inverse, equal), replicated
+
+
+def row_medians(values: np.ndarray) -> np.ndarray:
+    """Return each row's median over finite values; NaN for empty rows."""
+    ordered = np.sort(values, axis=-1)  # NaN sorts last
+    counts = np.isfinite(values).sum(axis=-1)
+    low = np.take_along_axis(ordered, np.maximum((counts - 1) // 2, 0)[..., None], -1)
+    high = np.take_along_axis(ordered, np.maximum(counts // 2, 0)[..., None], -1)
+    medians = (low[..., 0] + high[..., 0]) / 2
+    return np.where(counts > 0, medians, np.nan)
 
 
 @dataclass(frozen=True)
@@ -225,18 +251,36 @@ def batch_point(summary: BatchSummary) -> dict[str, Any]:
 
 
 def bootstrap_alpha(samples: Samples, seed: int) -> list[float] | None:
-    """Return the percentile interval of alpha over resampled replicates."""
-    repeats = sorted({repeat for by_repeat in samples.values() for repeat in by_repeat})
+    """Return the percentile interval of alpha over resampled replicates.
+
+    Each resample draws whole replicates (columns) with replacement and refits
+    the weighted line, vectorized over resamples.
+    """
+    batch_sizes, matrix = log_matrix(samples)
     generator = np.random.default_rng(seed)
-    alphas = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        chosen = generator.choice(repeats, size=len(repeats), replace=True)
-        alpha = resampled_alpha(samples, chosen)
-        if alpha is not None:
-            alphas.append(alpha)
-    if len(alphas) < BOOTSTRAP_RESAMPLES // 2:
+    draws = generator.integers(
+        0, matrix.shape[1], (BOOTSTRAP_RESAMPLES, matrix.shape[1])
+    )
+    stack = np.moveaxis(matrix[:, draws], 0, 1)  # (resamples, batch sizes, repeats)
+    weights, _ = median_weights(stack)
+    centers = np.nan_to_num(row_medians(stack))
+    slopes = weighted_slopes(np.log(batch_sizes), centers, weights)
+    slopes = slopes[np.isfinite(slopes)]
+    if len(slopes) < BOOTSTRAP_RESAMPLES // 2:
         return None
-    return percentile_interval(alphas)
+    return percentile_interval(slopes)
+
+
+def weighted_slopes(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Return the weighted least-squares slope of every row of ``y``; NaN if undefined."""
+    total = weights.sum(axis=-1, keepdims=True)
+    x_mean = (weights * x).sum(axis=-1, keepdims=True) / np.maximum(total, 1e-300)
+    y_mean = (weights * y).sum(axis=-1, keepdims=True) / np.maximum(total, 1e-300)
+    spread = (weights * (x - x_mean) ** 2).sum(axis=-1)
+    covariance = (weights * (x - x_mean) * (y - y_mean)).sum(axis=-1)
+    used = (weights > 0).sum(axis=-1)
+    valid = (used >= 2) & (spread > 0)
+    return np.where(valid, covariance / np.where(valid, spread, 1.0), np.nan)
 
 
 def percentile_interval(values: Sequence[float]) -> list[float] | None:
@@ -251,20 +295,6 @@ def percentile_interval(values: Sequence[float]) -> list[float] | None:
     low = ordered[math.floor(tail * len(ordered))]
     high = ordered[max(0, math.ceil((1 - tail) * len(ordered)) - 1)]
     return [float(low), float(high)]
-
-
-def resampled_alpha(samples: Samples, chosen: np.ndarray) -> float | None:
-    # Relabel the draws so that a replicate drawn twice counts twice.
-    resample = {
-        batch_size: {
-            draw: by_repeat.get(int(repeat)) for draw, repeat in enumerate(chosen)
-        }
-        for batch_size, by_repeat in samples.items()
-    }
-    summaries, replicated = summarize(resample)
-    if len(summaries) < 2:
-        return None
-    return fit_log_line(summaries, absolute=replicated).slope
 
 
 # Saturating form
