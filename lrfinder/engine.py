@@ -293,7 +293,9 @@ class _Sweep:
                 self.precision.backward(loss / self.accumulation_steps)
             else:
                 self.precision.backward(loss)
-            total = loss.detach() if total is None else total + loss.detach()
+            # With one micro-batch the loss itself is read; its graph is
+            # already freed by backward, so holding it costs nothing.
+            total = loss if total is None else total.detach() + loss.detach()
             self.samples += count
         scale = self.precision.step(self.optimizer)
         if self.accumulation_steps > 1:
@@ -351,7 +353,8 @@ def _read_scalars(
     if not present:
         return (loss.item(), *([None] * len(others)))
     dtype = torch.promote_types(loss.dtype, torch.float32)
-    values = torch.stack([loss.to(dtype)] + [t.to(dtype) for t in present]).tolist()
+    stacked = [loss.detach().to(dtype)] + [t.to(dtype) for t in present]
+    values = torch.stack(stacked).tolist()
     readings = iter(values[1:])
     return (values[0], *(None if t is None else next(readings) for t in others))
 

@@ -95,39 +95,48 @@ class RangeTestResult:
         """
         from lrfinder.analysis import suggest
 
+        # The analysis leaves out None and non-finite losses itself, so the
+        # suggestion's index refers to this result's points.
+        options.setdefault("mode", self.mode)
+        return suggest(self.lrs, self._losses_of(validation), method, **options)
+
+    def plot(self, ax: Any = None, *, validation: bool = False, **options: Any) -> Any:
+        """Draw loss against learning rate with ``lrfinder.plots.draw_curve``.
+
+        Draws the raw losses, which ``draw_curve`` smooths as ``suggest`` does,
+        into ``ax`` when given, else into a new matplotlib Figure (never
+        pyplot's global state). Returns the axes.
+
+        Args:
+            ax: matplotlib axes, or None for a new Figure.
+            validation: draw the validation losses in place of the training
+                losses.
+            options: passed on to ``draw_curve`` (label, color, method,
+                smoothing, show_raw, ...).
+        """
+        from lrfinder.plots import draw_curve
+
+        ax = ax if ax is not None else _new_axes()
+        options.setdefault("mode", self.mode)
+        draw_curve(ax, self.lrs, self._losses_of(validation), **options)
+        return ax
+
+    def plot_schedule(self, ax: Any = None, **options: Any) -> Any:
+        """Draw each step's learning rate with ``lrfinder.plots.draw_schedule``."""
+        from lrfinder.plots import draw_schedule
+
+        ax = ax if ax is not None else _new_axes()
+        options.setdefault("mode", self.mode)
+        draw_schedule(ax, self.lrs, **options)
+        return ax
+
+    def _losses_of(self, validation: bool) -> list[float | None]:
         losses = self.val_losses if validation else self.losses
         if losses is None:
             raise ValueError(
                 "validation=True needs a sweep run with val_loader and val_batches > 0"
             )
-        # Only the last point can lack a loss, because a non-finite loss stops
-        # the sweep, so dropping it keeps the indices of the other points.
-        pairs = [(lr, loss) for lr, loss in zip(self.lrs, losses) if loss is not None]
-        options.setdefault("mode", self.mode)
-        return suggest(
-            [lr for lr, _ in pairs], [loss for _, loss in pairs], method, **options
-        )
-
-    def plot(self, ax: Any = None, *, smoothed: bool = True, **options: Any) -> Any:
-        """Draw loss against learning rate with ``lrfinder.plots.draw_curve``.
-
-        Draws into ``ax`` when given, else into a new matplotlib Figure (never
-        pyplot's global state). Returns the axes.
-        """
-        from lrfinder.plots import draw_curve
-
-        ax = ax if ax is not None else _new_axes()
-        losses = self.smoothed_losses if smoothed else self.losses
-        draw_curve(ax, self.lrs, losses, **options)
-        return ax
-
-    def plot_schedule(self, ax: Any = None, **options: Any) -> Any:
-        """Draw the learning rate of every step with ``lrfinder.plots.draw_schedule``."""
-        from lrfinder.plots import draw_schedule
-
-        ax = ax if ax is not None else _new_axes()
-        draw_schedule(ax, self.lrs, **options)
-        return ax
+        return losses
 
 
 def _new_axes() -> Any:

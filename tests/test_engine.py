@@ -858,16 +858,14 @@ def test_result_status_from_stop_reason(stop_reason: str, status: str) -> None:
 def test_result_suggest_delegates_to_analysis() -> None:
     analysis = pytest.importorskip("lrfinder.analysis")
     result = sweep(make_classifier(), make_batches(4), end_lr=10.0, num_iter=40)
-    pairs = [
-        (lr, loss) for lr, loss in zip(result.lrs, result.losses) if loss is not None
-    ]
-    expected = analysis.suggest(
-        [lr for lr, _ in pairs],
-        [loss for _, loss in pairs],
-        "valley",
-        mode="exponential",
-    )
+    expected = analysis.suggest(result.lrs, result.losses, "valley", mode="exponential")
     assert result.suggest("valley").to_dict() == expected.to_dict()
+
+
+def test_result_suggest_validation_needs_val_losses() -> None:
+    result = sweep(make_classifier(), make_batches(4), num_iter=10)
+    with pytest.raises(ValueError, match="val_batches"):
+        result.suggest(validation=True)
 
 
 def test_result_plot_draws_on_new_axes() -> None:
