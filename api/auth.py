@@ -1,4 +1,4 @@
-"""Who is calling: API keys, roles and the loopback-only open mode."""
+"""Authentication: API keys, roles and the loopback-only open mode."""
 
 from __future__ import annotations
 

@@ -15,8 +15,15 @@ from lrfinder.store import Store
 
 # The methods of lrfinder.analysis.METHODS (a test checks that they agree),
 # spelled out so that the schema builds without importing numpy and scipy;
-# "all" asks for every method at once.
-SUGGESTION_METHODS = ("valley", "steep", "minimum", "slide", "steepest_gradient", "range")
+# "all" requests every method at once.
+SUGGESTION_METHODS = (
+    "valley",
+    "steep",
+    "minimum",
+    "slide",
+    "steepest_gradient",
+    "range",
+)
 ALL_METHODS = "all"
 MethodName = Literal[(*SUGGESTION_METHODS, ALL_METHODS)]  # type: ignore[valid-type]
 PlotMethodName = Literal[(*SUGGESTION_METHODS, "none")]  # type: ignore[valid-type]
@@ -160,7 +167,7 @@ def analyze(job: Job, curves: list[Curve]) -> dict[str, Any]:
     )
 
 
-def _csv_value(value: float | int | None) -> str:
+def _csv_value(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 

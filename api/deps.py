@@ -23,7 +23,9 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
 
-def get_principal(request: Request, settings: SettingsDep, store: StoreDep) -> Principal:
+def get_principal(
+    request: Request, settings: SettingsDep, store: StoreDep
+) -> Principal:
     """Authenticate the caller (FastAPI runs this in its thread pool)."""
     principal = authenticate(request, settings, store)
     request.state.principal = principal

@@ -207,9 +207,7 @@ def parameter_schema(request: Request, source: str, name: str) -> dict[str, Any]
     return None
 
 
-def allowed_range(
-    request: Request, source: str, location: list[Any]
-) -> str | None:
+def allowed_range(request: Request, source: str, location: list[Any]) -> str | None:
     """Describe the allowed range of the field at ``location``, if it has one."""
     if source == "body":
         node = spec_field_schema(location) if location else None
@@ -220,7 +218,9 @@ def allowed_range(
     return describe_range(node) if node else None
 
 
-def describe_validation_error(request: Request, error: dict[str, Any]) -> dict[str, Any]:
+def describe_validation_error(
+    request: Request, error: dict[str, Any]
+) -> dict[str, Any]:
     """Turn one pydantic error into a ``{"field", "value", "message"}`` entry."""
     source, *location = error.get("loc", ()) or ("body",)
     path = field_path(location) or str(source)
@@ -233,7 +233,9 @@ def describe_validation_error(request: Request, error: dict[str, Any]) -> dict[s
         path = match.group("path")
         index = int(match.group("index"))
         location = [*location, index]
-        value = value[index] if isinstance(value, list) and index < len(value) else value
+        value = (
+            value[index] if isinstance(value, list) and index < len(value) else value
+        )
     if error.get("type") in RANGE_ERROR_TYPES:
         allowed = allowed_range(request, str(source), location)
         if allowed:
@@ -278,7 +280,9 @@ async def handle_validation_error(
     request: Request, error: RequestValidationError
 ) -> JSONResponse:
     fields = [describe_validation_error(request, item) for item in error.errors()]
-    in_body = any((item.get("loc") or ("body",))[0] == "body" for item in error.errors())
+    in_body = any(
+        (item.get("loc") or ("body",))[0] == "body" for item in error.errors()
+    )
     if in_body:
         status_code, code, summary = 422, "invalid_spec", "the job spec is invalid"
     else:

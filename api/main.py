@@ -2,7 +2,7 @@
 
 Creating the app opens no connection; Redis is reached on the first request
 that needs it, so the app imports and starts while Redis is down (requests
-then answer 503).
+then return 503).
 """
 
 from __future__ import annotations

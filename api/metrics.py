@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
 from api.queries import steps_per_second
 from lrfinder.jobs import JobStatus
 from lrfinder.store import Store
@@ -69,6 +70,8 @@ class Metrics:
         )
         self.registry.register(StoreCollector(store))
 
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, method: str, route: str, status: int, seconds: float
+    ) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(route).observe(seconds)

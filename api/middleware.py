@@ -69,7 +69,7 @@ def _content_length(scope: Scope) -> int | None:
 class RequestContextMiddleware:
     """Give each request an id, log it, count it, and turn crashes into 500.
 
-    The 500 body holds a generic message and the request id; the traceback
+    The 500 body contains a generic message and the request id; the traceback
     goes to the log under the same id.
     """
 
@@ -118,7 +118,11 @@ class RequestContextMiddleware:
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
         logger.info(
-            "%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, seconds * 1e3
+            "%s %s -> %d in %.1f ms",
+            scope["method"],
+            scope["path"],
+            status,
+            seconds * 1e3,
         )
         if self.metrics is not None:
             self.metrics.observe_request(scope["method"], path, status, seconds)

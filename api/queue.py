@@ -19,7 +19,9 @@ class JobQueue:
 
     def __init__(self, settings: Settings) -> None:
         self.queue = settings.queue
-        self.celery = Celery("lrfinder-api", broker=settings.redis_url, set_as_current=False)
+        self.celery = Celery(
+            "lrfinder-api", broker=settings.redis_url, set_as_current=False
+        )
         self.celery.conf.update(
             task_default_queue=settings.queue,
             task_ignore_result=True,

@@ -5,7 +5,7 @@ SHA-256 hash, as a field of the ``apikeys`` hash (layout in lrfinder.store),
 so a copy of the Redis data gives no usable key. The key table has no TTL:
 a key lives until it is revoked. A lookup hashes the key
 presented, fetches the record by that hash and confirms the hash stored in
-the record with ``hmac.compare_digest``; no comparison ever touches the key
+the record with ``hmac.compare_digest``. No comparison ever reads the key
 itself.
 
 Several keys may share a name, which is how keys are rotated: create a new
@@ -37,7 +37,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 @dataclass
 class KeyRecord:
-    """What the store keeps about one API key (never the key itself)."""
+    """Stored record of one API key (never the key itself)."""
 
     id: str
     name: str

@@ -45,13 +45,15 @@ def describe_limits(settings: Settings) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in LIMIT_SETTINGS}
 
 
-def _over(field: str, value: Any, limit_name: str, limit: Any, what: str) -> LimitViolation:
+def _over(
+    field: str, value: Any, limit_name: str, limit: Any, advice: str
+) -> LimitViolation:
     return LimitViolation(
         field=field,
         value=value,
         message=(
             f"{field}={value!r} exceeds this server's limit {limit_name}={limit}: "
-            f"{what}"
+            f"{advice}"
         ),
     )
 
@@ -101,10 +103,10 @@ def _check_scalars(spec: JobSpec, settings: Settings) -> list[LimitViolation]:
         ),
     )
     violations = []
-    for field, value, limit_name, what in checks:
+    for field, value, limit_name, advice in checks:
         limit = getattr(settings, limit_name)
         if value is not None and value > limit:
-            violations.append(_over(field, value, limit_name, limit, what))
+            violations.append(_over(field, value, limit_name, limit, advice))
     return violations
 
 

@@ -12,7 +12,7 @@ import io
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ from lrfinder.jobs import Point, RunState
 from lrfinder.keys import create_key
 from lrfinder.settings import Settings
 from lrfinder.store import Store
-from tests.stack import RedisServer, redis_server, wait_until
-from tests.stack import redis_service, store  # noqa: F401
+from tests.stack import RedisServer, redis_server, redis_service, store, wait_until  # noqa: F401
 
 VALID_SPEC: dict[str, Any] = {
     "model": {"name": "small_cnn"},
@@ -125,7 +124,9 @@ def record_run(
     """Write one run's points and final state, as a worker does."""
     run_name = f"{batch_size}-0"
     state = RunState(batch_size=batch_size, num_iter=20, status="running")
-    store.record_progress(job_id, run_name, points, state.model_copy(update={"step": len(points)}))
+    store.record_progress(
+        job_id, run_name, points, state.model_copy(update={"step": len(points)})
+    )
     stop_reason = "completed" if status == "succeeded" else "cancelled"
     final = state.model_copy(
         update={"status": status, "step": len(points), "stop_reason": stop_reason}
@@ -135,7 +136,10 @@ def record_run(
 
 def finish_simulated_job(store: Store, job_id: str, counts: dict[int, int]) -> None:
     """Run the job through the store as a worker would, ending succeeded."""
-    assert store.mark_running(job_id, worker="test@host", device="cpu", max_attempts=2) == "running"
+    assert (
+        store.mark_running(job_id, worker="test@host", device="cpu", max_attempts=2)
+        == "running"
+    )
     for batch_size, count in counts.items():
         record_run(store, job_id, batch_size, make_points(count), "succeeded")
     store.finish_job(job_id, "succeeded", reason="completed")
@@ -170,7 +174,9 @@ def test_submit_job_returns_202_and_location(client: TestClient, headers: dict) 
     assert [run["batch_size"] for run in job["runs"]] == [8, 4]
 
 
-def test_submit_job_sends_one_task(client: TestClient, headers: dict, store: Store) -> None:
+def test_submit_job_sends_one_task(
+    client: TestClient, headers: dict, store: Store
+) -> None:
     job = submit(client, headers)
     message = json.loads(store.client.lindex("lrfinder", 0))
     assert queued_messages(store) == 1
@@ -178,7 +184,9 @@ def test_submit_job_sends_one_task(client: TestClient, headers: dict, store: Sto
     assert message["headers"]["argsrepr"] == repr([job["id"]])
 
 
-def test_submit_invalid_spec_names_each_field(client: TestClient, headers: dict) -> None:
+def test_submit_invalid_spec_names_each_field(
+    client: TestClient, headers: dict
+) -> None:
     spec = {
         **VALID_SPEC,
         "batch_sizes": [64, 32, 0],
@@ -211,7 +219,9 @@ def test_submit_malformed_json_is_422(client: TestClient, headers: dict) -> None
     assert response.json()["error"]["code"] == "invalid_spec"
 
 
-def test_submit_unknown_model_lists_valid_names(client: TestClient, headers: dict) -> None:
+def test_submit_unknown_model_lists_valid_names(
+    client: TestClient, headers: dict
+) -> None:
     response = client.post(
         "/v1/jobs", json={**VALID_SPEC, "model": {"name": "resnet19"}}, headers=headers
     )
@@ -250,15 +260,22 @@ def test_submit_dataset_outside_root_is_rejected(
     assert queued_messages(store) == 0
 
 
-def test_submit_weights_outside_root_is_rejected(client: TestClient, headers: dict) -> None:
+def test_submit_weights_outside_root_is_rejected(
+    client: TestClient, headers: dict
+) -> None:
     spec = {**VALID_SPEC, "model": {"name": "small_cnn", "weights": "../model.pt"}}
     response = client.post("/v1/jobs", json=spec, headers=headers)
     assert response.status_code == 422
     assert "model.weights" in fields_by_name(response)
 
 
-def test_submit_missing_weights_file_is_rejected(client: TestClient, headers: dict) -> None:
-    spec = {**VALID_SPEC, "model": {"name": "small_cnn", "weights": "absent.safetensors"}}
+def test_submit_missing_weights_file_is_rejected(
+    client: TestClient, headers: dict
+) -> None:
+    spec = {
+        **VALID_SPEC,
+        "model": {"name": "small_cnn", "weights": "absent.safetensors"},
+    }
     response = client.post("/v1/jobs", json=spec, headers=headers)
     assert response.status_code == 422
     assert fields_by_name(response)["model.weights"]["value"] == "absent.safetensors"
@@ -271,7 +288,11 @@ def test_submit_missing_weights_file_is_rejected(client: TestClient, headers: di
         ({"batch_sizes": [8, 128]}, "batch_sizes[1]", "max_batch_size"),
         ({"repeats": 3}, "repeats", "max_repeats"),
         ({"sweep": {"num_iter": 60}}, "sweep.num_iter", "max_num_iter"),
-        ({"dataset": {"name": "digits", "image_size": 128}}, "dataset.image_size", "max_image_size"),
+        (
+            {"dataset": {"name": "digits", "image_size": 128}},
+            "dataset.image_size",
+            "max_image_size",
+        ),
         ({"time_limit_s": 7200}, "time_limit_s", "max_time_limit_s"),
         ({"sweep": {"num_iter": 50}, "repeats": 2}, "total_steps", "max_total_steps"),
     ],
@@ -297,7 +318,9 @@ def test_submit_over_limit_names_limit(
         max_total_steps=150,
     )
     with TestClient(create_app(settings)) as client:
-        response = client.post("/v1/jobs", json={**VALID_SPEC, **changes}, headers=headers)
+        response = client.post(
+            "/v1/jobs", json={**VALID_SPEC, **changes}, headers=headers
+        )
     fields = fields_by_name(response)
     assert response.status_code == 422
     assert limit in fields[field]["message"]
@@ -365,16 +388,18 @@ def test_list_jobs_newest_first_with_pages(client: TestClient, headers: dict) ->
 
 
 def test_list_jobs_filters_by_status(client: TestClient, headers: dict) -> None:
-    kept, cancelled = submit(client, headers), submit(client, headers)
+    queued_job, cancelled = submit(client, headers), submit(client, headers)
     client.post(f"/v1/jobs/{cancelled['id']}/cancel", headers=headers)
     listing = client.get("/v1/jobs?status=cancelled", headers=headers).json()
     assert [job["id"] for job in listing["jobs"]] == [cancelled["id"]]
     assert listing["total"] == 1
-    assert kept["id"] not in {job["id"] for job in listing["jobs"]}
+    assert queued_job["id"] not in {job["id"] for job in listing["jobs"]}
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=501", "offset=-1", "status=done"])
-def test_list_jobs_bad_query_is_400(client: TestClient, headers: dict, query: str) -> None:
+def test_list_jobs_bad_query_is_400(
+    client: TestClient, headers: dict, query: str
+) -> None:
     response = client.get(f"/v1/jobs?{query}", headers=headers)
     assert response.status_code == 400
     assert response.json()["error"]["fields"][0]["field"] == query.split("=")[0]
@@ -453,7 +478,9 @@ def test_curves_json_has_suggestions(
     assert points[0].lr < suggestion["lr"] < points[-1].lr
 
 
-def test_curves_all_methods(client: TestClient, headers: dict, finished_job: dict) -> None:
+def test_curves_all_methods(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
     response = client.get(
         f"/v1/jobs/{finished_job['id']}/curves?method=all", headers=headers
     )
@@ -493,7 +520,9 @@ def test_curves_csv_has_one_row_per_point(
     assert float(rows[2]["val_loss"]) == expected[2].val_loss
 
 
-def test_curves_bad_format_is_400(client: TestClient, headers: dict, finished_job: dict) -> None:
+def test_curves_bad_format_is_400(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
     response = client.get(
         f"/v1/jobs/{finished_job['id']}/curves?format=xml", headers=headers
     )
@@ -562,7 +591,9 @@ def test_plot_bad_option_is_400(
     assert response.json()["error"]["fields"][0]["field"] == field
 
 
-def test_plot_unknown_name_is_404(client: TestClient, headers: dict, finished_job: dict) -> None:
+def test_plot_unknown_name_is_404(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
     response = client.get(
         f"/v1/jobs/{finished_job['id']}/plots/loss-vs-lr.gif", headers=headers
     )
@@ -603,7 +634,9 @@ def test_events_after_end_send_final_status(
 ) -> None:
     url = f"/v1/jobs/{finished_job['id']}/events"
     last_id = parse_events(client.get(url, headers=headers).text)[-1]["id"]
-    events = parse_events(client.get(url, headers={**headers, "Last-Event-ID": last_id}).text)
+    events = parse_events(
+        client.get(url, headers={**headers, "Last-Event-ID": last_id}).text
+    )
     assert [event["event"] for event in events] == ["end"]
     assert events[0]["data"]["status"] == "succeeded"
 
@@ -703,7 +736,10 @@ def test_metrics_counts_jobs_by_status(
     assert 'lrfinder_jobs{status="succeeded"} 1.0' in text
     assert 'lrfinder_jobs{status="queued"} 1.0' in text
     assert "lrfinder_steps_per_second" in text
-    assert 'lrfinder_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
+    assert (
+        'lrfinder_http_requests_total{method="POST",route="/v1/jobs",status="202"}'
+        in text
+    )
 
 
 def test_openapi_schema_lists_endpoints(client: TestClient) -> None:
@@ -754,14 +790,18 @@ def test_unknown_route_is_404_with_error_body(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("name", ["loss-vs-lr", "lr-schedule", "batch-size-scaling"])
-def test_plot_of_queued_job_renders(client: TestClient, headers: dict, name: str) -> None:
+def test_plot_of_queued_job_renders(
+    client: TestClient, headers: dict, name: str
+) -> None:
     job = submit(client, headers)
     response = client.get(f"/v1/jobs/{job['id']}/plots/{name}.png", headers=headers)
     assert response.status_code == 200
     assert Image.open(io.BytesIO(response.content)).size == (900, 600)
 
 
-def test_plot_without_marker(client: TestClient, headers: dict, finished_job: dict) -> None:
+def test_plot_without_marker(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
     response = client.get(
         f"/v1/jobs/{finished_job['id']}/plots/loss-vs-lr.png?method=none&bands=true",
         headers=headers,

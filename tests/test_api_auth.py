@@ -19,8 +19,7 @@ from api.main import create_app
 from lrfinder.keys import create_key, find_key, list_keys, revoke_key
 from lrfinder.settings import Settings
 from lrfinder.store import Store
-from tests.stack import RedisServer
-from tests.stack import redis_service, store  # noqa: F401
+from tests.stack import RedisServer, redis_service, store  # noqa: F401
 from tests.test_api import (
     VALID_SPEC,
     finish_simulated_job,
@@ -190,7 +189,9 @@ def test_other_users_job_is_404_like_unknown(
     client: TestClient, keys: dict, alice_job: str, method: str, path: str
 ) -> None:
     unknown_id = "0" * len(alice_job)
-    other = client.request(method, path.format(id=alice_job), headers=bearer(keys["bob"]))
+    other = client.request(
+        method, path.format(id=alice_job), headers=bearer(keys["bob"])
+    )
     unknown = client.request(
         method, path.format(id=unknown_id), headers=bearer(keys["bob"])
     )

@@ -1,4 +1,4 @@
-"""What this server can run: models, datasets and limits."""
+"""Catalog endpoints: the models, datasets and limits of this server."""
 
 from __future__ import annotations
 

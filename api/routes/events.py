@@ -40,7 +40,7 @@ def async_redis(request: Request) -> redis.asyncio.Redis:
     """Return the app's asyncio Redis client, created on first use."""
     state = request.app.state
     if getattr(state, "async_redis", None) is None:
-        # A blocked XREAD waits up to one keep-alive period for an answer.
+        # A blocked XREAD waits up to one keep-alive period for a reply.
         state.async_redis = redis.asyncio.Redis.from_url(
             state.settings.redis_url,
             decode_responses=True,
@@ -61,13 +61,17 @@ async def final_event(client: redis.asyncio.Redis, job_key: str) -> str | None:
     """Return a closing "end" event when the job has finished, else None.
 
     Covers streams whose "end" entry a client already saw or that was
-    trimmed: the job record still tells the final status.
+    trimmed, because the job record still contains the final status.
     """
     fields = await client.hgetall(job_key)
     status = fields.get("status")
     if fields and status not in FINAL_JOB_STATUSES:
         return None
-    data = {"status": status, "reason": fields.get("reason"), "error": fields.get("error")}
+    data = {
+        "status": status,
+        "reason": fields.get("reason"),
+        "error": fields.get("error"),
+    }
     return format_event("end", json.dumps(data))
 
 
@@ -105,7 +109,9 @@ async def stream_events(
     except (redis.ConnectionError, redis.TimeoutError) as error:
         # The response has started, so no 503 is possible; the client
         # reconnects with Last-Event-ID once Redis is back.
-        logger.warning("event stream of job %s ended: redis unavailable: %s", job_id, error)
+        logger.warning(
+            "event stream of job %s ended: redis unavailable: %s", job_id, error
+        )
 
 
 @router.get(
@@ -127,7 +133,9 @@ async def get_events(
             400,
             "invalid_request",
             message,
-            fields=[{"field": "Last-Event-ID", "value": last_event_id, "message": message}],
+            fields=[
+                {"field": "Last-Event-ID", "value": last_event_id, "message": message}
+            ],
         )
     await run_in_threadpool(load_visible_job, store, principal, job_id)
     events = stream_events(

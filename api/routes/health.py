@@ -22,7 +22,7 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(store: StoreDep) -> dict[str, Any]:
-    """Report ready when Redis answers and at least one worker is alive."""
+    """Report ready when Redis replies and at least one worker is alive."""
     store.ping()
     workers = store.live_workers()
     if not workers:

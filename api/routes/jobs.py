@@ -81,7 +81,11 @@ def quota_exceeded(settings: Settings) -> ApiError:
 
 
 def store_and_queue(
-    spec: JobSpec, principal: Principal, settings: Settings, store: Store, queue: JobQueue
+    spec: JobSpec,
+    principal: Principal,
+    settings: Settings,
+    store: Store,
+    queue: JobQueue,
 ) -> Job:
     """Store the job in one of the owner's active slots and send it to the workers."""
     job_id = new_job_id()
@@ -94,8 +98,11 @@ def store_and_queue(
         raise
     try:
         queue.send(job_id)
-    except Exception as error:
-        logger.error("job %s of %s could not be queued: %r", job_id, principal.name, error)
+    except Exception as error:  # noqa: BLE001
+        # Whatever stopped the publish, the job would wait forever: fail it.
+        logger.error(
+            "job %s of %s could not be queued: %r", job_id, principal.name, error
+        )
         store.finish_job(job_id, "failed", reason="queue_unavailable", error=str(error))
         raise ApiError(
             503,
@@ -226,6 +233,10 @@ def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> Job:
         )
     status = store.request_cancel(job_id)
     logger.info(
-        "job %s of %s cancelled by %s (now %s)", job_id, job.owner, principal.name, status
+        "job %s of %s cancelled by %s (now %s)",
+        job_id,
+        job.owner,
+        principal.name,
+        status,
     )
     return store.get_job(job_id) or job

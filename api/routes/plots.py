@@ -115,7 +115,9 @@ async def get_plot(
     ] = "valley",
     bands: Annotated[
         bool | None,
-        Query(description="Median and quartile band of repeats (default: when repeated)."),
+        Query(
+            description="Median and quartile band of repeats (default: when repeated)."
+        ),
     ] = None,
     width: SidePixels = 900,
     height: SidePixels = 600,
