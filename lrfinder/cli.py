@@ -571,7 +571,15 @@ def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[P
     from lrfinder.analysis import analyze_study
 
     curves = [curve_of_run(run, spec.sweep.mode) for run in result.runs]
-    analysis = analyze_study(curves, mode=spec.sweep.mode) if curves else {}
+    # NOTE: model_has_batchnorm stays False here, so the analysis omits its
+    # small-batch BatchNorm warning; the API decides it from the model name.
+    analysis = {}
+    if curves:
+        analysis = analyze_study(
+            curves,
+            mode=spec.sweep.mode,
+            gradient_noise=noise_by_batch_size(result.gradient_noise),
+        )
     document = {
         "status": study_status(result),
         "spec": spec.model_dump(mode="json"),
@@ -586,6 +594,17 @@ def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[P
         write_text(out / "analysis.json", json.dumps(analysis, indent=2)),
     ]
     return written + write_plots(spec, curves, analysis, out)
+
+
+def noise_by_batch_size(
+    measured: dict[str, Any] | None,
+) -> dict[int, list[float]] | None:
+    """Turn the study's gradient measurements into the analysis' input."""
+    if not measured:
+        return None
+    return {
+        entry["batch_size"]: entry["squared_norms"] for entry in measured["batches"]
+    }
 
 
 def write_plots(
