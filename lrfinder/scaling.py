@@ -427,11 +427,18 @@ def verdict_text(
         "run near initialization."
     )
     if repeats == 1:
+        caveat = (
+            "With a single repeat the interval reflects only the scatter around "
+            "the line, not the seed-to-seed noise,"
+        )
+        if (interval[1] - interval[0]) / 2 > DECISIVE_HALF_WIDTH:
+            return (
+                f"{opening} {caveat} and it is too wide to decide between the "
+                f"scaling rules: about {needed} repeats would be needed."
+            )
         return (
-            f"{opening} With a single repeat the interval only reflects the "
-            "scatter around the line, not the seed-to-seed noise, so it is too "
-            f"wide to decide between the scaling rules: about {needed} repeats "
-            "would be needed."
+            f"{opening} {caveat} so it cannot decide between the scaling rules "
+            f"on its own: run at least {needed} repeats."
         )
     parts = [opening]
     if consistent:
