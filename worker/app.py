@@ -11,7 +11,9 @@ CUDA and lets SIGTERM reach the running study as a warm shutdown.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -56,6 +58,11 @@ app = create_app()
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any, **_: Any) -> None:
     presence.start(sender.hostname, send_job=_send_job)
+    # Import torch and the study now rather than inside the first job, which
+    # would otherwise wait several seconds before its first step.
+    started = time.monotonic()
+    importlib.import_module("lrfinder.study")
+    logger.info("study module loaded in %.1f s", time.monotonic() - started)
 
 
 @signals.worker_shutting_down.connect
