@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 STOP_REASONS: frozenset[str] = frozenset(typing.get_args(StopReason))
 
-# torch.OutOfMemoryError exists from torch 2.5; older releases raise the CUDA one.
+# Older torch releases lack the device-generic torch.OutOfMemoryError and
+# raise torch.cuda.OutOfMemoryError.
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 StepCallback = Callable[[Point], None]
@@ -74,9 +75,9 @@ def range_test(
 ) -> RangeTestResult:
     """Run a learning-rate range test and restore the training state afterwards.
 
-    The sweep trains with the modules' train/eval flags as the caller set them
-    (call ``model.train()`` first for a standard test; a frozen body may stay in
-    eval mode). Every step zeroes the gradients, runs ``accumulation_steps``
+    The sweep trains with the modules' train/eval flags as the caller set them,
+    so a frozen body may stay in eval mode. Call ``model.train()`` first for a
+    standard test. Every step zeroes the gradients, runs ``accumulation_steps``
     micro-batches and makes one optimizer step.
 
     Args:
@@ -187,9 +188,9 @@ def _describe_failure(exception: Exception) -> tuple[StopReason, str]:
     """Return the stop reason and message of an exception raised by a sweep."""
     message = f"{type(exception).__name__}: {exception}"
     if isinstance(exception, _OUT_OF_MEMORY):
-        # Gradients and activations are released by the restore and by the
-        # end of this handler; returning the cached blocks lets the next run
-        # of a study start from an empty cache.
+        # The restore and the end of this handler release the gradients and
+        # activations. Emptying the allocator's cache as well lets the next
+        # run of a study start with all memory free.
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
         return "out_of_memory", message
@@ -251,7 +252,7 @@ class _Sweep:
             if self.validation is not None:
                 validation_sum = self.validation.evaluate(self.model, self._loss)
 
-            # Record the step; reading the losses is the step's one host sync.
+            # Record the step. Reading the losses is the step's one host sync.
             point, diverged = self._record(
                 step, group_lrs, loss, validation_sum, scale, started
             )
@@ -293,8 +294,8 @@ class _Sweep:
                 self.precision.backward(loss / self.accumulation_steps)
             else:
                 self.precision.backward(loss)
-            # With one micro-batch the loss itself is read; its graph is
-            # already freed by backward, so holding it costs nothing.
+            # With one micro-batch the loss itself is read later. Backward has
+            # already freed its graph, so holding it costs no memory.
             total = loss if total is None else total.detach() + loss.detach()
             self.samples += count
         scale = self.precision.step(self.optimizer)

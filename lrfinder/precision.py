@@ -49,15 +49,18 @@ class MixedPrecision:
             self.scaler.scale(loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-        """Update the parameters; with fp16 return the scale as a device tensor."""
+        """Update the parameters and return the fp16 loss scale, else None.
+
+        The scale stays a device tensor so that reading it needs no extra sync.
+        """
         if self.scaler is None:
             optimizer.step()
             return None
         self.scaler.step(optimizer)
         self.scaler.update()
-        # NOTE: _get_scale_async is private in torch.amp.GradScaler (torch 2.2 to
-        # 2.14); it returns the scale without a host sync, so that the scale
-        # is read together with the loss.
+        # NOTE: _get_scale_async is a private GradScaler method (checked in
+        # torch 2.14). It returns the scale without a host sync, so the scale
+        # is read in the same transfer as the loss.
         return self.scaler._get_scale_async()
 
     def skipped(self, scale: float | None) -> bool:
@@ -70,7 +73,7 @@ class MixedPrecision:
 
 
 def _grad_scaler() -> Any:
-    """Create a CUDA GradScaler; torch.amp.GradScaler exists from torch 2.3."""
+    """Create a CUDA GradScaler, also on torch releases without torch.amp's."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler("cuda")
     return torch.cuda.amp.GradScaler()

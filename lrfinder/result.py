@@ -12,7 +12,7 @@ from lrfinder.jobs import SUCCESSFUL_STOPS, Curve, Point, RunStatus, StopReason
 class RangeTestResult:
     """The recorded points of one sweep and why it ended.
 
-    ``points`` holds one entry per optimizer step that ran. ``schedule`` is the
+    ``points`` contains one entry per optimizer step that ran. ``schedule`` is the
     planned learning rate of every step, including steps that never ran
     because the sweep stopped early.
     """

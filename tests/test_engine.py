@@ -476,19 +476,23 @@ def assert_state_equal(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 
 def prepared_training(optimizer_name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A model with BatchNorm and dropout, an eval-mode layer, live optimizer
-    state and gradients, as a caller's training loop would leave it."""
+    """Create a model and optimizer as a caller's training loop leaves them.
+
+    The model has BatchNorm, dropout and one layer in eval mode. The optimizer
+    has per-parameter state, and the parameters hold gradients from a last
+    backward pass that no step consumed.
+    """
     model = make_classifier(dropout=0.2)
     model[3].eval()
     spec = OptimizerSpec(name=optimizer_name)
     optimizer = build_optimizer(model.parameters(), spec, lr=0.01)
-    for inputs, targets in make_batches(2, seed=9):
+    batches = make_batches(3, seed=9)
+    for inputs, targets in batches[:2]:
         optimizer.zero_grad()
         functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
-    functional.cross_entropy(
-        model(make_batches(1, seed=10)[0][0]), make_batches(1)[0][1]
-    ).backward()
+    inputs, targets = batches[2]
+    functional.cross_entropy(model(inputs), targets).backward()
     torch.manual_seed(123)
     numpy.random.seed(123)
     random.seed(123)
@@ -852,7 +856,8 @@ def test_result_to_curve_dict_matches_curve() -> None:
     ],
 )
 def test_result_status_from_stop_reason(stop_reason: str, status: str) -> None:
-    assert RangeTestResult(points=[], stop_reason=stop_reason).status == status  # type: ignore[arg-type]
+    result = RangeTestResult(points=[], stop_reason=stop_reason)  # type: ignore[arg-type]
+    assert result.status == status
 
 
 def test_result_suggest_delegates_to_analysis() -> None:
@@ -901,7 +906,7 @@ def load_photos(photos_dir: Path, per_class: int, size: int) -> TensorDataset:
 
 
 def small_cnn() -> nn.Module:
-    """A two-layer CNN for 32 px images whose head sees every spatial feature."""
+    """Create a two-layer CNN for 32 px images with a linear head on 8x8 maps."""
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1),
         nn.BatchNorm2d(16),
