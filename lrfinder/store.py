@@ -193,7 +193,7 @@ class Store:
         return self.client
 
     def ping(self) -> bool:
-        """Return True when Redis answers; raise redis.ConnectionError when down."""
+        """Return True when Redis replies to PING; raise redis.ConnectionError when it is down."""
         return bool(self.client.ping())
 
     def close(self) -> None:

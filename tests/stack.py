@@ -1,7 +1,7 @@
 """Real servers for tests: a private redis-server, Celery workers and the API.
 
 Each helper starts a subprocess on a free loopback port, waits until it
-answers, and stops it on exit. Process logs go to files; a context manager
+responds, and stops it on exit. Process logs go to files. A context manager
 that exits with an exception, or a fixture whose test failed, writes their
 last lines to the terminal.
 
@@ -158,9 +158,9 @@ class RedisServer(Service):
 
     def start(self) -> None:
         super().start()
-        wait_until(self._answers, timeout_s=20.0, message=f"{self.name} PING")
+        wait_until(self._replies_to_ping, timeout_s=20.0, message=f"{self.name} PING")
 
-    def _answers(self) -> bool:
+    def _replies_to_ping(self) -> bool:
         self.check_alive()
         try:
             with socket.create_connection(
@@ -178,7 +178,7 @@ def service_env(
     """Return the environment of a worker or API subprocess.
 
     LRFINDER_ variables of the calling shell are dropped so that every
-    subprocess of a test sees the same, explicit configuration.
+    subprocess of a test gets the same, explicit configuration.
     """
     env = {
         key: value
@@ -420,9 +420,9 @@ def api_service(
 def show_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[list[Service]]:
     """Collects services whose logs are shown when the test fails.
 
-    Tests append the services they use; the check compares the session's
-    failure count before and after the test, which pytest updates before
-    this fixture's teardown runs.
+    Tests append the services they use. The check compares the session's
+    failure count before and after the test, because pytest counts a
+    failed test before this fixture's teardown runs.
     """
     services: list[Service] = []
     failures_before = request.session.testsfailed

@@ -325,7 +325,7 @@ def test_execution_succeeds_with_all_runs(store: Store) -> None:
     assert done.attempts == 1
 
 
-def test_execution_releases_lock_and_heartbeat_key_expires(store: Store) -> None:
+def test_execution_releases_lock(store: Store) -> None:
     job = store.create_job(SPEC)
     execute(store, job.id, FakeStudy())
     assert store.lock_holder(job.id) is None

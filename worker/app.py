@@ -23,8 +23,8 @@ from worker import presence
 
 logger = logging.getLogger(__name__)
 
-# Seconds an unacknowledged message may wait above the longest job before
-# the broker delivers it again; the job lock makes a second delivery harmless.
+# Seconds an unacknowledged message may wait beyond the longest job before
+# the broker delivers it again. The job lock makes a second delivery harmless.
 VISIBILITY_MARGIN_S = 3600
 
 
@@ -67,7 +67,8 @@ def _on_worker_ready(sender: Any, **_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _on_worker_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
-    # Runs in the signal handler: only set a flag, the study checks it.
+    # This runs inside the signal handler, so it only sets a flag that the
+    # study checks before every step.
     presence.SHUTDOWN.set()
 
 

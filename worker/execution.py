@@ -2,7 +2,7 @@
 
 A job may be delivered more than once (a re-delivered message, a re-queue
 after a lost worker), so every execution first takes the job's lock and
-checks its status; only a queued job, or a running one whose previous
+checks its status. Only a queued job, or a running one whose previous
 execution is gone, runs. Runs that already succeeded are never run again.
 """
 
@@ -93,7 +93,7 @@ class JobHeartbeat:
         if self.store.acquire_lock(self.job_id, self.token):
             logger.warning("job %s: lock had expired; retook it", self.job_id)
             return
-        logger.error("job %s: another execution holds the lock; stopping", self.job_id)
+        logger.error("job %s: lock taken by another execution; stopping", self.job_id)
         self.lock_lost.set()
 
 
@@ -136,7 +136,7 @@ class JobExecution:
     def run(self) -> str:
         """Run the job if this delivery may; return what happened, in one word."""
         if not self.store.acquire_lock(self.job_id, self.token):
-            logger.info("job %s: another execution holds it; skipping", self.job_id)
+            logger.info("job %s: locked by another execution; skipping", self.job_id)
             return "skipped"
         try:
             return self._run_locked()

@@ -76,7 +76,8 @@ class StopConditions:
         try:
             return self.store.is_cancel_requested(self.job_id)
         except redis.RedisError as error:
-            # The next step asks again; a Redis outage must not stop a sweep.
+            # The next step reads the flag again, because a Redis outage must not
+            # stop a sweep.
             logger.warning(
                 "job %s: cannot read the cancel flag: %s", self.job_id, error
             )

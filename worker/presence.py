@@ -1,7 +1,7 @@
 """The worker's presence key and its periodic check for lost jobs.
 
 A thread refreshes ``worker:{name}`` every ``PRESENCE_INTERVAL_S`` so that
-``/readyz`` sees a live worker, and on each tick looks for running jobs
+``/readyz`` finds a live worker, and on each tick looks for running jobs
 whose execution went silent (see ``worker.reaper``).
 """
 
