@@ -1,4 +1,4 @@
-"""Turn range-test curves into answers: suggestions, seed noise and scaling fits.
+"""Analysis of range-test curves: suggestions, seed noise and scaling fits.
 
 numpy and scipy only, so the API can import it without torch. The suggestion
 methods live in ``lrfinder.suggest`` and the fits in ``lrfinder.scaling``;

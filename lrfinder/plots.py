@@ -34,8 +34,8 @@ DPI = 100
 MIN_PIXELS = 200
 MAX_PIXELS = 4000
 FORMATS = ("png", "svg")
-# Share of the loss range left above the highest loss before each minimum; the
-# diverged tail beyond it is cut off so that the valley stays readable.
+# Share of the loss range left above the highest loss before each minimum. The
+# diverged tail above that is cut off so that the valley stays readable.
 HEADROOM = 0.15
 _RENDER_LOCK = threading.Lock()
 
@@ -139,11 +139,11 @@ def plot_batch_size_scaling(
 ) -> bytes:
     """Render lr* against batch size on log-log axes with both fits.
 
-    Draws the per-batch-size medians with their 95 % intervals as error bars,
-    the power law exp(a) * B ** alpha, the saturating form lr_max /
-    (1 + B_noise / B) when saturation is visible, and reference slopes 1
-    (linear scaling) and 0.5 (square-root scaling) through the power law's
-    value at the geometric mean batch size.
+    Draws the per-batch-size medians with their 95 % intervals as error bars
+    and the power law exp(a) * B ** alpha. The saturating form lr_max /
+    (1 + B_noise / B) is added when saturation is visible. Reference slopes 1
+    (linear scaling) and 0.5 (square-root scaling) pass through the power
+    law's value at the geometric mean batch size.
 
     Args:
         analysis: the dictionary ``lrfinder.analysis.analyze_study`` returns.
@@ -254,36 +254,41 @@ def draw_single(
     options: dict[str, Any],
 ) -> list[np.ndarray]:
     """Draw one curve; return the loss values that bound the y axis."""
-    found = None
-    if method is not None:
-        found = suggest(
-            curve["lr"],
-            curve["loss"],
-            method,
-            mode=options["mode"],
-            smoothing=options["smoothing"],
-        )
-    prepared = prepare_curve(
-        curve["lr"], curve["loss"], mode=options["mode"], smoothing=options["smoothing"]
-    )
-    drawn = options["smoothing"] if options["smoothed"] else "none"
+    found = curve_suggestion(curve, method, options)
+    drawn_smoothing = options["smoothing"] if options["smoothed"] else "none"
     draw_curve(
         ax,
         curve["lr"],
         curve["loss"],
         label=curve_label(batch_size, method, found),
         color=color,
-        suggestion=found if found is not None else None,
+        suggestion=found,
         method=None,
         mode=options["mode"],
-        smoothing=drawn,
+        smoothing=drawn_smoothing,
         show_raw=options["smoothed"],
     )
     if found is not None and found.method == "range" and found.lr is not None:
-        ax.axvspan(
-            found.extra["lower_lr"], found.extra["upper_lr"], color=color, alpha=0.08
-        )
+        bounds = found.extra["lower_lr"], found.extra["upper_lr"]
+        ax.axvspan(*bounds, color=color, alpha=0.08)
+    prepared = prepare_curve(
+        curve["lr"], curve["loss"], mode=options["mode"], smoothing=options["smoothing"]
+    )
     return [prepared.losses]
+
+
+def curve_suggestion(
+    curve: Mapping[str, Any], method: str | None, options: dict[str, Any]
+) -> Suggestion | None:
+    if method is None:
+        return None
+    return suggest(
+        curve["lr"],
+        curve["loss"],
+        method,
+        mode=options["mode"],
+        smoothing=options["smoothing"],
+    )
 
 
 def draw_band(
@@ -303,31 +308,25 @@ def draw_band(
     )
     if not summary["lr"]:
         return []
-    grid = np.array(summary["lr"], dtype=float)
-    median = np.array(summary["median"], dtype=float)
-    lower = np.array(summary["lower"], dtype=float)
-    upper = np.array(summary["upper"], dtype=float)
+    grid, median, lower, upper = (
+        np.array(summary[key], dtype=float)
+        for key in ("lr", "median", "lower", "upper")
+    )
     ax.fill_between(grid, lower, upper, color=color, alpha=0.2, linewidth=0)
+
     median_lr = None
     if method is not None:
-        found = [
-            suggest(
-                c["lr"],
-                c["loss"],
-                method,
-                mode=options["mode"],
-                smoothing=options["smoothing"],
-            )
-            for c in members
-        ]
+        found = [curve_suggestion(curve, method, options) for curve in members]
         median_lr = summarize_suggestions(found)["median_lr"]
     label = band_label(batch_size, len(members), method, median_lr)
     ax.plot(grid, median, color=color, linewidth=1.8, label=label)
+
+    # The marker sits on the median curve at the median suggestion.
     if median_lr is not None:
-        axis = np.log(grid) if options["mode"] == "exponential" else grid
-        where = math.log(median_lr) if options["mode"] == "exponential" else median_lr
-        loss = float(np.interp(where, axis, median))
-        mark_point(ax, median_lr, loss, color)
+        exponential = options["mode"] == "exponential"
+        axis = np.log(grid) if exponential else grid
+        location = math.log(median_lr) if exponential else median_lr
+        mark_point(ax, median_lr, float(np.interp(location, axis, median)), color)
     return [median, lower, upper]
 
 
@@ -385,8 +384,8 @@ def finish_loss_axes(
 ) -> None:
     set_lr_axis(ax, mode)
     ax.set_ylabel("training loss")
-    shown = f"smoothed ({smoothing}, zero lag)" if smoothed else "raw"
-    ax.set_title(f"Loss against learning rate, {shown}")
+    loss_kind = f"smoothed ({smoothing}, zero lag)" if smoothed else "raw"
+    ax.set_title(f"Loss against learning rate, {loss_kind}")
     if not lines:
         write_empty(ax, "no finite losses to draw")
         return
@@ -444,11 +443,13 @@ def draw_scaling(ax: Axes, scaling: Mapping[str, Any], method: str) -> None:
     if not points:
         write_empty(ax, "no suggestions to fit")
         return
+
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ticks = [p["batch_size"] for p in points]
     ax.set_xticks(ticks, [str(tick) for tick in ticks])
     ax.minorticks_off()
+
     draw_points(ax, points)
     sizes = np.geomspace(
         min(p["batch_size"] for p in points) / 1.3,
@@ -456,6 +457,7 @@ def draw_scaling(ax: Axes, scaling: Mapping[str, Any], method: str) -> None:
         200,
     )
     draw_fits(ax, scaling, sizes)
+
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     ax.text(
@@ -533,11 +535,11 @@ def group_by_batch_size(
     curves: Sequence[Mapping[str, Any]], batch_sizes: Sequence[int] | None
 ) -> dict[int, list[Mapping[str, Any]]]:
     """Return the curves with points by batch size, in increasing batch size."""
-    wanted = None if batch_sizes is None else {int(b) for b in batch_sizes}
+    selected = None if batch_sizes is None else {int(b) for b in batch_sizes}
     groups: dict[int, list[Mapping[str, Any]]] = {}
     for curve in sorted(curves, key=lambda c: (c["batch_size"], c.get("repeat", 0))):
         batch_size = int(curve["batch_size"])
-        if curve.get("lr") and (wanted is None or batch_size in wanted):
+        if curve.get("lr") and (selected is None or batch_size in selected):
             groups.setdefault(batch_size, []).append(curve)
     return groups
 

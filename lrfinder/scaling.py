@@ -106,9 +106,9 @@ def median_weights(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     ``values`` has shape (resamples, batch sizes, repeats) with NaN for missing
     values. Without repeats every batch size with a value weighs 1. With them,
-    the weight is 1 / variance of the median, from the row's spread floored at
-    a share of the variance pooled over rows; a row with one value gets the
-    pooled variance. Returns the weights (0 for empty rows) and, per resample,
+    the weight is 1 / variance of the median. That variance comes from the
+    row's spread, floored at a share of the variance pooled over rows, and a
+    row with one value gets the pooled variance. Returns the weights (0 for empty rows) and, per resample,
     whether they are such inverse variances.
     """
     counts = np.isfinite(values).sum(axis=-1)
@@ -304,8 +304,8 @@ def fit_saturating(samples: Samples) -> dict[str, Any]:
     """Fit lr*(B) = lr_max / (1 + B_noise / B) through 1 / lr* against 1 / B.
 
     The line 1 / lr* = c0 + c1 / B gives lr_max = 1 / c0 and B_noise = c1 / c0.
-    Saturation is visible when c0's 95 % interval lies above zero; otherwise
-    lr* still grows over the batch sizes tried, and the result is a lower
+    Saturation is visible when c0's 95 % interval lies above zero. Otherwise
+    lr* still grows over the batch sizes tried, so the result is a lower
     bound on B_noise from the upper end of c0's interval.
 
     Returns:

@@ -4,25 +4,25 @@ Every method reads the same prepared curve:
 
 1. Non-finite losses are excluded. Leading and trailing ones are dropped, and
    interior gaps are filled by linear interpolation against the sweep axis
-   (log(lr) for exponential sweeps, lr for linear ones), so an isolated NaN
-   gives the same answer as the curve with that point replaced by its
-   neighbours' interpolation.
+   (log(lr) for exponential sweeps, lr for linear ones). An isolated NaN
+   therefore gives the same suggestion as the curve with that point replaced
+   by its neighbours' interpolation.
 2. The loss is smoothed with a zero-lag filter centered in index space, which
    is uniform in log(lr) for exponential sweeps and in lr for linear ones. A
-   causal moving average, as the anchors use, lags by about beta / (1 - beta)
-   steps and so moves every answer to higher learning rates. Pass
-   ``smoothing="none"`` to analyse a curve that is already smoothed.
+   causal moving average, as fastai and torch-lr-finder use, lags by about
+   beta / (1 - beta) steps and so moves every suggestion to higher learning
+   rates. Pass ``smoothing="none"`` to analyse a curve that is already smoothed.
 3. ``skip_start`` and ``skip_end`` points are trimmed from the finite curve.
    fastai 2.8's ``lr_find`` trims ``num_it // 10`` points from the start and 5
    from the end of its recorded (moving-average) losses; torch-lr-finder 0.2.2
-   trims ``skip_start=10`` and ``skip_end=5``. The defaults follow the anchor of
-   each method, with one difference: the start trim here is ``n // 10`` of the
-   ``n`` finite points, because the planned step count is not known, so pass
-   ``skip_start=num_iter // 10`` to reproduce fastai on a sweep that stopped
-   early. A skip of 0 skips nothing.
+   trims ``skip_start=10`` and ``skip_end=5``. The defaults follow the library
+   each method comes from, with one difference: the start trim here is
+   ``n // 10`` of the ``n`` finite points, because the planned step count is
+   not known. Pass ``skip_start=num_iter // 10`` to reproduce fastai on a
+   sweep that stopped early. A skip of 0 skips nothing.
 
 Each ``Suggestion`` carries the index of its point in the arrays passed in, so
-a JSON answer and the marker of a plot agree.
+a JSON result and the marker of a plot agree.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ MEDIAN_WINDOW = 5
 
 # The trims of fastai 2.8 (valley, steep, minimum, slide) and of torch-lr-finder
 # 0.2.2 (steepest gradient); range uses fastai's.
-ANCHOR_SKIP_END = 5
+DEFAULT_SKIP_END = 5
 TORCH_LR_FINDER_SKIP_START = 10
 
 
@@ -147,8 +147,9 @@ def suggest(
             infinities are excluded as the module docstring describes.
         method: one of ``METHODS``.
         mode: the sweep's spacing, "exponential" or "linear".
-        smoothing: "savgol" (centered Savitzky-Golay, order 2), "gaussian"
-            (centered Gaussian) or "none" for a curve that is already smooth.
+        smoothing: "gaussian" (a running median of 5 points, then a centered
+            Gaussian), "savgol" (centered Savitzky-Golay, order 2) or "none"
+            for a curve that is already smooth.
         window: smoothing window in points; default 15 % of the finite points,
             at least 5. The Gaussian's sigma is window / 6.
         skip_start: points trimmed from the start; default ``n // 10``, or 10
@@ -159,7 +160,7 @@ def suggest(
 
     Returns:
         The Suggestion. Its ``lr`` is None with a ``reason`` such as
-        "too_few_points" or "no_descent" when the curve cannot answer.
+        "too_few_points" or "no_descent" when the curve gives no suggestion.
     """
     check_method(method)
     check_options(method, options)
@@ -280,11 +281,11 @@ def smooth_losses(
     """Smooth finite losses with a centered (zero-lag) filter in index space.
 
     "gaussian" first takes a running median over 5 points, which removes
-    isolated spikes such as a single diverged batch, then a Gaussian whose
-    weights are all positive, so a blow-up at the end raises its neighbours
-    and never digs a false minimum. "savgol" fits a quadratic in each window;
-    it keeps the shape of the minimum better but its negative weights let a
-    large spike pull nearby points down. Returns the smoothed losses and a
+    isolated spikes such as a single diverged batch. It then applies a
+    Gaussian, whose weights are all positive, so a blow-up at the end raises
+    its neighbours and never digs a false minimum. "savgol" fits a quadratic
+    in each window. It keeps the shape of the minimum better, but its negative
+    weights let a large spike pull nearby points down. Returns the smoothed losses and a
     description of the filter. The filters commute with shifting and positive
     scaling of the losses, so suggestions do not depend on the loss's scale.
     """
@@ -334,7 +335,7 @@ def trim_bounds(
         default = TORCH_LR_FINDER_SKIP_START if method == "steepest_gradient" else None
         skip_start = points // 10 if default is None else default
     if skip_end is None:
-        skip_end = ANCHOR_SKIP_END
+        skip_end = DEFAULT_SKIP_END
     for name, value in (("skip_start", skip_start), ("skip_end", skip_end)):
         if value < 0:
             raise ValueError(f"{name}={value!r} is invalid: give 0 or more points")
@@ -344,7 +345,7 @@ def trim_bounds(
 # Shared helpers for the methods
 
 
-def answer(
+def suggestion_at(
     method: str, curve: PreparedCurve, position: int, points: int, **extra: Any
 ) -> Suggestion:
     """Return the suggestion at ``position`` of the prepared curve."""
@@ -359,7 +360,7 @@ def answer(
     )
 
 
-def no_answer(
+def no_suggestion(
     method: str, curve: PreparedCurve, reason: str, points: int, **extra: Any
 ) -> Suggestion:
     return Suggestion(
@@ -377,11 +378,11 @@ def no_answer(
 def too_few(
     method: str, curve: PreparedCurve, start: int, end: int, required: int
 ) -> Suggestion | None:
-    """Return a "too_few_points" answer when [start, end) is shorter than required."""
+    """Return a "too_few_points" result when [start, end) is shorter than required."""
     points = max(0, end - start)
     if points >= required:
         return None
-    return no_answer(
+    return no_suggestion(
         method,
         curve,
         "too_few_points",
@@ -391,7 +392,7 @@ def too_few(
     )
 
 
-# The methods. Each reads curve.losses[start:end] and answers in curve positions.
+# The methods. Each reads curve.losses[start:end] and returns curve positions.
 
 
 def find_valley(curve: PreparedCurve, start: int, end: int) -> Suggestion:
@@ -399,7 +400,7 @@ def find_valley(curve: PreparedCurve, start: int, end: int) -> Suggestion:
 
     The stretch is the longest strictly decreasing subsequence of the loss
     (not necessarily contiguous), ending at the first point that reaches the
-    maximum length L. As in fastai 2.8, the answer is
+    maximum length L. As in fastai 2.8, the suggestion is
     ``end - L + L // 3 + L // 6``, about the middle of the stretch. Unlike
     fastai, a curve that never decreases returns "no_descent" (fastai then
     returns its last point).
@@ -411,9 +412,9 @@ def find_valley(curve: PreparedCurve, start: int, end: int) -> Suggestion:
     last = int(np.argmax(lengths))  # argmax takes the first maximum
     length = int(lengths[last])
     if length < 2:
-        return no_answer("valley", curve, "no_descent", end - start)
+        return no_suggestion("valley", curve, "no_descent", end - start)
     position = max(0, last - length + length // 3 + length // 6)
-    return answer(
+    return suggestion_at(
         "valley",
         curve,
         start + position,
@@ -444,10 +445,11 @@ def decreasing_run_lengths(losses: np.ndarray) -> np.ndarray:
 def find_steep(curve: PreparedCurve, start: int, end: int) -> Suggestion:
     """Return the start of the steepest descent, as fastai 2.8's steep.
 
-    The slope of every segment is taken against log(lr) and the answer is the
-    left point of the most negative one. Only segments that end at or before
-    the loss minimum count, because a drop after the minimum (a spike during
-    divergence falling back) is no descent to train in; fastai counts them.
+    The slope of every segment is taken against log(lr), and the suggestion
+    is the left point of the most negative one. Only segments that end at or
+    before the loss minimum count, because a drop after the minimum (a spike
+    during divergence falling back) is no descent to train in. fastai counts
+    them.
     """
     short = too_few("steep", curve, start, end, MINIMUM_POINTS["steep"])
     if short:
@@ -455,11 +457,11 @@ def find_steep(curve: PreparedCurve, start: int, end: int) -> Suggestion:
     losses = curve.losses[start:end]
     lowest = int(np.argmin(losses))
     if lowest == 0:
-        return no_answer("steep", curve, "no_descent", end - start)
+        return no_suggestion("steep", curve, "no_descent", end - start)
     log_lrs = np.log(curve.lrs[start:end])
     slopes = np.diff(losses) / np.diff(log_lrs)
     position = int(np.argmin(slopes[:lowest]))
-    return answer(
+    return suggestion_at(
         "steep", curve, start + position, end - start, slope=float(slopes[position])
     )
 
@@ -468,8 +470,8 @@ def find_minimum(curve: PreparedCurve, start: int, end: int) -> Suggestion:
     """Return the LR of the loss minimum divided by 10, as fastai 2.8's minimum.
 
     ``index`` is the sweep point nearest to that LR (on the sweep axis), and
-    ``loss`` the analysed loss interpolated there. ``extra`` holds the minimum
-    itself: ``minimum_lr``, ``minimum_index`` and ``minimum_loss``.
+    ``loss`` the analysed loss interpolated there. ``extra`` contains the
+    minimum itself: ``minimum_lr``, ``minimum_index`` and ``minimum_loss``.
     """
     short = too_few("minimum", curve, start, end, MINIMUM_POINTS["minimum"])
     if short:
@@ -518,16 +520,17 @@ def find_slide(
     lr_difference: int = SLIDE_LR_DIFFERENCE,
     threshold: float = SLIDE_THRESHOLD,
 ) -> Suggestion:
-    """Return fastai 2.8's interval slide answer with a scale-free threshold.
+    """Return fastai 2.8's interval slide suggestion with a scale-free threshold.
 
     A window of ``lr_difference`` points slides left from the end of the curve
     while the loss gradients (per step, ``numpy.gradient``) at its two ends
-    differ by more than the threshold. The answer is the left end of the last
+    differ by more than the threshold. The suggestion is the left end of the last
     window that slid. fastai compares with an absolute ``thresh=0.005`` loss
     units per step. Here the threshold is ``threshold`` times the depth of the
-    valley (the highest loss before the minimum minus the minimum; the whole
-    loss range when the minimum comes first), so scaling the loss never changes
-    the answer. Both rules agree on a curve whose valley is one loss unit deep.
+    valley: the highest loss before the minimum minus the minimum, or the
+    whole loss range when the minimum comes first. Scaling the loss therefore
+    never changes the suggestion, and both rules agree on a curve whose valley
+    is one loss unit deep.
     """
     if lr_difference < 1 or threshold < 0:
         raise ValueError(
@@ -540,7 +543,7 @@ def find_slide(
     losses = curve.losses[start:end]
     depth = valley_depth(losses)
     if depth == 0:
-        return no_answer("slide", curve, "flat_curve", end - start)
+        return no_suggestion("slide", curve, "flat_curve", end - start)
     gradients = np.gradient(losses)
     limit = threshold * depth
     right = len(losses) - 1
@@ -550,7 +553,9 @@ def find_slide(
         position = left
         right -= 1
         left -= 1
-    return answer("slide", curve, start + position, end - start, threshold_loss=limit)
+    return suggestion_at(
+        "slide", curve, start + position, end - start, threshold_loss=limit
+    )
 
 
 def valley_depth(losses: np.ndarray) -> float:
@@ -580,8 +585,8 @@ def find_steepest_gradient(curve: PreparedCurve, start: int, end: int) -> Sugges
     lowest = int(np.argmin(losses))
     position = int(np.argmin(gradients[: lowest + 1]))
     if gradients[position] >= 0:
-        return no_answer("steepest_gradient", curve, "no_descent", end - start)
-    return answer(
+        return no_suggestion("steepest_gradient", curve, "no_descent", end - start)
+    return suggestion_at(
         "steepest_gradient",
         curve,
         start + position,
@@ -604,11 +609,11 @@ def find_range(
 ) -> Suggestion:
     """Return Smith's bounds for a cyclical schedule (Smith, 2017).
 
-    Between the highest loss before the minimum and the minimum, the upper
-    bound is the first point where the loss has fallen by ``upper_fraction``
-    of the total drop (it stops falling), and the lower bound the point after
-    the last one before the upper bound that has fallen by less than
-    ``lower_fraction`` (the loss starts to fall for good). ``lr`` is the
+    The drop runs from the highest loss before the minimum to the minimum.
+    The upper bound is the first point where the loss has fallen by
+    ``upper_fraction`` of the drop (it stops falling). The lower bound is
+    where the loss starts to fall for good: the point after the last one,
+    before the upper bound, that has fallen by less than ``lower_fraction``. ``lr`` is the
     upper bound, the maximum LR of a cyclical or one-cycle schedule; ``extra``
     holds both bounds.
     """
@@ -625,14 +630,14 @@ def find_range(
     top = int(np.argmax(losses[: lowest + 1]))
     drop = losses[top] - losses[lowest]
     if drop <= 0:
-        return no_answer("range", curve, "no_descent", end - start)
+        return no_suggestion("range", curve, "no_descent", end - start)
     fallen = (losses[top] - losses[top : lowest + 1]) / drop
     upper = int(np.argmax(fallen >= upper_fraction))
     # The fall starts after the last point before the upper bound that is still
     # above the lower level, so ripples on the plateau do not count.
     lower = int(np.flatnonzero(fallen[: upper + 1] < lower_fraction)[-1]) + 1
     lower, upper = start + top + min(lower, upper), start + top + upper
-    return answer(
+    return suggestion_at(
         "range",
         curve,
         upper,

@@ -1,4 +1,4 @@
-"""Suggestion methods on curves with known answers, the anchors' values and studies."""
+"""Suggestion methods on known curves, fastai's own values, and study analysis."""
 
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ def fastai_reference() -> dict[str, dict]:
     return {entry["name"]: entry for entry in document["results"]}
 
 
-# Known answers on the noise-free U curve (no smoothing, default trims: the
+# Known suggestions on the noise-free U curve (no smoothing, default trims: the
 # first 100 // 10 = 10 points and the last 5).
 
 
 def test_valley_u_curve_middle_of_descent() -> None:
     found = suggest(LRS, u_curve(), "valley", smoothing="none")
     # The strictly falling stretch runs from the first kept point to the minimum;
-    # fastai's placement puts the answer at end - L + L // 3 + L // 6.
+    # fastai's placement puts the suggestion at end - L + L // 3 + L // 6.
     length = U_MINIMUM - 10 + 1
     assert found.index == U_MINIMUM - length + length // 3 + length // 6
 
@@ -325,11 +325,12 @@ def test_suggest_linear_sweep() -> None:
 
 # Agreement with fastai 2.8.12 and torch-lr-finder 0.2.2.
 #
-# tests/data/fastai_reference.json holds the values that fastai's own valley,
-# steep, minimum and slide functions and torch-lr-finder's LRFinder.plot
-# returned on tests/data/recorded_curves.json (real range tests on
-# scikit-learn's digits), computed once in a separate virtual environment;
-# the file's "source" field gives the details. No fastai code is used here.
+# tests/data/fastai_reference.json contains the values that fastai's own
+# valley, steep, minimum and slide functions and torch-lr-finder's
+# LRFinder.plot returned on tests/data/recorded_curves.json, which are real
+# range tests on scikit-learn's digits. They were computed once, in a separate
+# virtual environment with fastai installed, and the file's "source" field
+# gives the details. No fastai code is used here.
 
 RECORDED = [curve["name"] for curve in recorded_curves()]
 
