@@ -21,6 +21,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from lrfinder.spec import JobSpec
@@ -44,6 +45,51 @@ STATUS_CODES: dict[int, str] = {
     429: "rate_limited",
     503: "unavailable",
 }
+
+
+class FieldError(BaseModel):
+    """One invalid field: its path, the value sent and what is allowed."""
+
+    field: str
+    value: Any = None
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    """A stable error code, a sentence, and the invalid fields if any."""
+
+    code: str
+    message: str
+    fields: list[FieldError] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Body of every 4xx and 5xx response."""
+
+    error: ErrorDetail
+
+
+RESPONSE_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid query parameter or header (invalid_request).",
+    401: "Missing, invalid or revoked API key (unauthorized).",
+    404: "Unknown id, or a job of another user (not_found).",
+    409: "The job has already finished (conflict).",
+    413: "Request body over max_body_bytes (payload_too_large).",
+    422: "Invalid job spec, unknown model or dataset, or over a limit (invalid_spec).",
+    429: "Too many active jobs or submissions (quota_exceeded, rate_limited).",
+    503: "Redis or the job queue is unavailable; see Retry-After.",
+}
+
+
+def error_responses(*status_codes: int) -> dict[int | str, dict[str, Any]]:
+    """Document error responses of a route for the OpenAPI schema."""
+    return {
+        status_code: {
+            "model": ErrorBody,
+            "description": RESPONSE_DESCRIPTIONS[status_code],
+        }
+        for status_code in status_codes
+    }
 
 
 class ApiError(HTTPException):

@@ -649,7 +649,7 @@ def test_events_bad_last_event_id_is_400(
         headers={**headers, "Last-Event-ID": "yesterday"},
     )
     assert response.status_code == 400
-    assert response.json()["error"]["fields"][0]["field"] == "Last-Event-ID"
+    assert response.json()["error"]["fields"][0]["field"] == "last-event-id"
 
 
 def xread_calls(store: Store) -> int:

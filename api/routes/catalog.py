@@ -7,10 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import PrincipalDep, SettingsDep
+from api.errors import error_responses
 from lrfinder.catalog import list_datasets, list_models
 from lrfinder.limits import describe_limits
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], responses=error_responses(401, 503))
 
 
 @router.get("/models")

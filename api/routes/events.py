@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -20,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, StoreDep
-from api.errors import ApiError
+from api.errors import error_responses
 from api.routes.jobs import load_visible_job
 from lrfinder.jobs import FINAL_JOB_STATUSES
 from lrfinder.store import Store
@@ -29,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-STREAM_ID_PATTERN = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+STREAM_ID_PATTERN = r"^\d{1,20}(-\d{1,20})?$"
 READ_COUNT = 200
 READ_TIMEOUT_MARGIN_S = 10.0
 # Milliseconds a browser waits before reconnecting after a dropped stream.
@@ -117,26 +116,25 @@ async def stream_events(
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        **error_responses(400, 401, 404, 503),
+    },
 )
 async def get_events(
     job_id: str,
     request: Request,
     store: StoreDep,
     principal: PrincipalDep,
-    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            pattern=STREAM_ID_PATTERN,
+            description="Id of the last event received; the stream resumes after it.",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """Stream progress, points, run and status events, ending with "end"."""
-    if last_event_id is not None and not STREAM_ID_PATTERN.fullmatch(last_event_id):
-        message = "Last-Event-ID must be an event id received from this stream"
-        raise ApiError(
-            400,
-            "invalid_request",
-            message,
-            fields=[
-                {"field": "Last-Event-ID", "value": last_event_id, "message": message}
-            ],
-        )
     await run_in_threadpool(load_visible_job, store, principal, job_id)
     events = stream_events(
         async_redis(request),

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import PrincipalDep, StoreDep
-from api.errors import ApiError
+from api.errors import ApiError, error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +20,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 def readyz(store: StoreDep) -> dict[str, Any]:
     """Report ready when Redis replies and at least one worker is alive."""
     store.ping()
@@ -35,7 +35,7 @@ def readyz(store: StoreDep) -> dict[str, Any]:
     return {"status": "ready", "workers": len(workers)}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=error_responses(401, 503))
 def metrics(request: Request, principal: PrincipalDep) -> Response:
     """Expose Prometheus metrics: jobs by status, workers, steps per second, HTTP."""
     body = generate_latest(request.app.state.metrics.registry)

@@ -20,7 +20,7 @@ from api.curves import (
     finished_run_suggestions,
 )
 from api.deps import PrincipalDep, SettingsDep, StoreDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.queries import release_active_slot, reserve_active_slot
 from api.queue import JobQueue
 from api.validation import validate_submission
@@ -31,7 +31,9 @@ from lrfinder.store import Store, new_job_id
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503)
+)
 
 
 def get_queue(request: Request) -> JobQueue:
@@ -113,7 +115,12 @@ def store_and_queue(
     return job
 
 
-@router.post("", status_code=202, response_model=Job)
+@router.post(
+    "",
+    status_code=202,
+    response_model=Job,
+    responses=error_responses(413, 422, 429),
+)
 def submit_job(
     spec: JobSpec,
     response: Response,
@@ -139,7 +146,7 @@ def submit_job(
     return job
 
 
-@router.get("")
+@router.get("", responses=error_responses(400))
 def list_jobs(
     store: StoreDep,
     principal: PrincipalDep,
@@ -168,7 +175,7 @@ def list_jobs(
     }
 
 
-@router.get("/{job_id}", response_model=Job)
+@router.get("/{job_id}", response_model=Job, responses=error_responses(400, 404))
 def get_job(
     job_id: str,
     store: StoreDep,
@@ -184,7 +191,10 @@ def get_job(
 
 @router.get(
     "/{job_id}/curves",
-    responses={200: {"content": {"text/csv": {}, "application/json": {}}}},
+    responses={
+        200: {"content": {"text/csv": {}, "application/json": {}}},
+        **error_responses(400, 404),
+    },
 )
 def get_curves(
     job_id: str,
@@ -210,7 +220,7 @@ def get_curves(
     }
 
 
-@router.get("/{job_id}/analysis")
+@router.get("/{job_id}/analysis", responses=error_responses(404))
 def get_analysis(
     job_id: str,
     store: StoreDep,
@@ -223,7 +233,12 @@ def get_analysis(
     return analyze(job, curves)
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=Job)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=Job,
+    responses=error_responses(404, 409),
+)
 def cancel_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> Job:
     """Cancel a job: a queued one at once, a running one within one step."""
     job = load_visible_job(store, principal, job_id)

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from api.curves import PlotMethodName, SuggestionCache, analyze, build_curves
 from api.deps import PrincipalDep, StoreDep
-from api.errors import ApiError
+from api.errors import ApiError, error_responses
 from api.routes.jobs import SuggestionCacheDep, load_visible_job
 from lrfinder.jobs import Job
 from lrfinder.store import Store
@@ -98,7 +98,10 @@ def render(
 @router.get(
     "/{job_id}/plots/{filename}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/svg+xml": {}}}},
+    responses={
+        200: {"content": {"image/png": {}, "image/svg+xml": {}}},
+        **error_responses(400, 401, 404, 503),
+    },
 )
 async def get_plot(
     job_id: str,
