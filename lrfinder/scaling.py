@@ -533,33 +533,54 @@ def noise_scale_fit(groups: Mapping[int, np.ndarray]) -> tuple[float, float]:
     batch_sizes = np.array(sorted(groups), dtype=float)
     means = np.array([groups[int(b)].mean() for b in batch_sizes])
     counts = np.array([len(groups[int(b)]) for b in batch_sizes], dtype=float)
-    design = np.column_stack([np.ones_like(batch_sizes), 1.0 / batch_sizes])
-    # First pass weighted by counts alone; the second divides by the fitted
-    # mean, floored so that a fit crossing zero cannot blow a weight up.
-    first = weighted_lstsq(design, means, np.sqrt(counts))
-    predicted = np.maximum(design @ first, means.max() * 1e-6)
-    second = weighted_lstsq(design, means, np.sqrt(counts) / predicted)
-    return float(second[0]), float(second[1])
+    intercept, slope = noise_lines(batch_sizes, means[None], counts)
+    return float(intercept[0]), float(slope[0])
 
 
-def weighted_lstsq(
-    design: np.ndarray, values: np.ndarray, root_weights: np.ndarray
-) -> np.ndarray:
-    weighted_design = design * root_weights[:, None]
-    return np.linalg.lstsq(weighted_design, values * root_weights, rcond=None)[0]
+def noise_lines(
+    batch_sizes: np.ndarray, means: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit mean |G_B|^2 = intercept + slope / B for every row of ``means``.
+
+    The first pass weights each batch size by its count. The second also
+    divides by the fitted mean squared, floored so that a fit crossing zero
+    cannot blow a weight up.
+    """
+    x = np.broadcast_to(1.0 / batch_sizes, means.shape)
+    first = weighted_lines(x, means, np.broadcast_to(counts, means.shape))
+    predicted = first[0][:, None] + first[1][:, None] * x
+    floor = means.max(axis=-1, keepdims=True) * 1e-6
+    weights = counts / np.maximum(predicted, floor) ** 2
+    return weighted_lines(x, means, weights)
+
+
+def weighted_lines(
+    x: np.ndarray, y: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the weighted least-squares (intercept, slope) of every row."""
+    total = weights.sum(axis=-1, keepdims=True)
+    x_mean = (weights * x).sum(axis=-1, keepdims=True) / total
+    y_mean = (weights * y).sum(axis=-1, keepdims=True) / total
+    spread = (weights * (x - x_mean) ** 2).sum(axis=-1)
+    slope = (weights * (x - x_mean) * (y - y_mean)).sum(axis=-1) / spread
+    intercept = y_mean[..., 0] - slope * x_mean[..., 0]
+    return intercept, slope
 
 
 def bootstrap_noise_scale(
     groups: Mapping[int, np.ndarray], resamples: int, seed: int
 ) -> list[float] | None:
+    """Return the percentile interval of B_simple, resampling within batch sizes."""
     generator = np.random.default_rng(seed)
-    ratios = []
-    for _ in range(resamples):
-        drawn = {
-            b: generator.choice(values, size=len(values), replace=True)
-            for b, values in groups.items()
-        }
-        norm_squared, trace = noise_scale_fit(drawn)
-        # A resample whose |G|^2 is not positive leaves B_simple unbounded.
-        ratios.append(trace / norm_squared if norm_squared > 0 else math.inf)
+    batch_sizes = np.array(sorted(groups), dtype=float)
+    counts = np.array([len(groups[int(b)]) for b in batch_sizes], dtype=float)
+    columns = []
+    for batch_size in batch_sizes:
+        values = groups[int(batch_size)]
+        draws = generator.integers(0, len(values), (resamples, len(values)))
+        columns.append(values[draws].mean(axis=1))
+    intercept, slope = noise_lines(batch_sizes, np.stack(columns, axis=1), counts)
+    # A resample whose |G|^2 is not positive leaves B_simple unbounded.
+    positive = intercept > 0
+    ratios = np.where(positive, slope / np.where(positive, intercept, 1.0), math.inf)
     return percentile_interval(ratios)
