@@ -171,10 +171,11 @@ def analyze_study(
         smoothing: the filter ``suggest`` applies to the raw losses.
 
     Returns:
-        A JSON-ready dictionary (no NaN or infinity) with ``batch_sizes``
-        (per batch size and method: per-seed suggestions, median, interval,
-        spread), ``scaling`` (per method: power law, saturating fit, verdict),
-        ``gradient_noise`` and ``warnings``.
+        A JSON-ready dictionary (no NaN or infinity) with ``batch_sizes`` (per
+        batch size, ``methods`` maps each method to its per-seed suggestions,
+        median, interval and ``log10_spread``, the finder noise), ``scaling``
+        (per method: power law, saturating fit, verdict), ``gradient_noise``
+        and ``warnings``.
     """
     for method in methods:
         check_method(method)
@@ -243,12 +244,12 @@ def batch_entry(
     per_seed: SeedSuggestions, batch_size: int, methods: Sequence[str]
 ) -> dict[str, Any]:
     repeats = seeds_of(per_seed, batch_size)
-    entry: dict[str, Any] = {"batch_size": batch_size, "repeats": len(repeats)}
+    by_method = {}
     for method in methods:
         found = [per_seed[(batch_size, repeat)][method] for repeat in repeats]
         seeds = [{"repeat": r, **item.to_dict()} for r, item in zip(repeats, found)]
-        entry[method] = {"per_seed": seeds, **summarize_suggestions(found)}
-    return entry
+        by_method[method] = {"per_seed": seeds, **summarize_suggestions(found)}
+    return {"batch_size": batch_size, "repeats": len(repeats), "methods": by_method}
 
 
 def method_samples(
@@ -329,12 +330,14 @@ def study_warnings(
 
 
 def missing_warnings(per_seed: SeedSuggestions) -> list[str]:
-    lines = []
+    """Return one line per method that gave no suggestion for some runs."""
+    missing: dict[str, list[str]] = {}
     for (batch_size, repeat), found in sorted(per_seed.items()):
         for method, item in found.items():
             if item.lr is None:
-                lines.append(
-                    f"{method} gave no suggestion for run {batch_size}-{repeat} "
-                    f"({item.reason}, {item.points} points)"
-                )
-    return lines
+                run = f"{batch_size}-{repeat} ({item.reason}, {item.points} points)"
+                missing.setdefault(method, []).append(run)
+    return [
+        f"{method} gave no suggestion for run(s) {', '.join(runs)}"
+        for method, runs in missing.items()
+    ]

@@ -469,7 +469,7 @@ def test_analyze_study_strict_json() -> None:
 
 def test_analyze_study_per_seed_and_median() -> None:
     result = analyze_study(study_curves([8, 32, 128], repeats=3, alpha=1.0))
-    entry = result["batch_sizes"][0]["valley"]
+    entry = result["batch_sizes"][0]["methods"]["valley"]
     seeds = sorted(item["lr"] for item in entry["per_seed"])
     assert len(seeds) == 3
     assert entry["median_lr"] == pytest.approx(seeds[1])
@@ -523,6 +523,14 @@ def test_analyze_study_gradient_noise_included() -> None:
         study_curves([8, 32], repeats=1, alpha=1.0), gradient_noise=measurements
     )
     assert result["gradient_noise"]["b_simple"] > 0
+
+
+def test_analyze_study_missing_suggestion_warned() -> None:
+    curves = study_curves([8, 32], repeats=1, alpha=1.0)
+    curves[0]["lr"], curves[0]["loss"] = curves[0]["lr"][:12], curves[0]["loss"][:12]
+    result = analyze_study(curves)
+    expected = "slide gave no suggestion for run(s) 8-0 (too_few_points, 6 points)"
+    assert expected in result["warnings"]
 
 
 def test_analyze_study_no_curves_empty() -> None:
