@@ -81,6 +81,7 @@ def describe(result: StudyResult, workload: Workload) -> dict:
         "first_step_excess_seconds": first_step_excess(result),
         "losses": {run.key.batch_size: [point.loss for point in run.points]
                    for run in result.runs},
+        "timings": result.timings,
         "device": result.device,
         "torch_threads": torch.get_num_threads(),
     }

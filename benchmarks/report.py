@@ -278,6 +278,8 @@ def header(results: dict) -> list[str]:
         f"{machine['memory_gib']} GiB; GPU: {', '.join(machine['gpus']) or 'none'}",
         f"- load average before / after: {machine['load_average'][0]:.2f} / "
         f"{results['load_average_after'][0]:.2f} (other work shared the machine)",
+        f"- OMP_WAIT_POLICY={results.get('omp_wait_policy', 'unset')} in every "
+        "process the benchmark started",
         f"- commit {machine['commit']}"
         + (" with uncommitted changes" if machine["uncommitted_changes"] else ""),
         f"- workload: resnet18, {workload['image_size']} px, batch sizes "

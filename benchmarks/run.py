@@ -214,6 +214,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float, default=None,
                         help="duration of the load test, seconds "
                         "(default 60, 10 with --quick)")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        choices=("PASSIVE", "ACTIVE", "unset"),
+                        help="OMP_WAIT_POLICY of every process the benchmark "
+                        "starts (default PASSIVE: see docs/benchmarks.md)")
     parser.add_argument("--out", type=Path, default=REPOSITORY / "bench-output",
                         help="folder for results.json, benchmarks.md and logs")
     return parser.parse_args()
@@ -249,7 +253,14 @@ def main() -> None:
                         datefmt="%H:%M:%S")
     # The worker's hooks log every run; the progress row drives them 5 times.
     logging.getLogger("worker").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     arguments = settle_defaults(parse_arguments())
+    # Every contender, worker and server inherits this environment. With
+    # OpenMP's default spin-waiting, two torch threads on two busy cores
+    # lose most of their time at barriers, so each step's time depends on
+    # what else runs rather than on the contender.
+    if arguments.omp_wait_policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = arguments.omp_wait_policy
     data = arguments.data.resolve()
     workload = quick_workload(data) if arguments.quick else full_workload(data)
     benchmark = Benchmark(workload, arguments)
@@ -261,6 +272,7 @@ def main() -> None:
     results = benchmark.results
     results.update(workload=dataclasses.asdict(workload), command=" ".join(sys.argv),
                    quick=arguments.quick, repeats=arguments.repeats,
+                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
                    started=started, minutes=(time.time() - started) / 60,
                    load_average_after=list(os.getloadavg()))
     (arguments.out / "results.json").write_text(json.dumps(results, indent=1))
