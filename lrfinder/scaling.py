@@ -304,14 +304,17 @@ def fit_saturating(samples: Samples) -> dict[str, Any]:
     """Fit lr*(B) = lr_max / (1 + B_noise / B) through 1 / lr* against 1 / B.
 
     The line 1 / lr* = c0 + c1 / B gives lr_max = 1 / c0 and B_noise = c1 / c0.
-    Saturation is visible when c0's 95 % interval lies above zero. Otherwise
-    lr* still grows over the batch sizes tried, so the result is a lower
-    bound on B_noise from the upper end of c0's interval.
+    Saturation is visible when c0's 95 % interval lies above zero and the
+    saturating form fits log(lr*) better than the power law does, because a
+    power law with 0 < alpha < 1 also gives a positive c0. Otherwise lr* still
+    grows over the batch sizes tried, so the result is a lower bound on
+    B_noise from the upper end of c0's interval.
 
     Returns:
         A JSON-ready dictionary with ``saturated``, ``b_noise`` and its
         ``b_noise_interval`` (delta method), or ``b_noise_lower_bound``,
-        ``lr_max``, and ``reason`` when no fit is possible.
+        ``lr_max``, ``better_than_power_law``, and ``reason`` when no fit is
+        possible.
     """
     summaries, replicated = summarize(samples)
     if len(summaries) < 3:
@@ -323,14 +326,32 @@ def fit_saturating(samples: Samples) -> dict[str, Any]:
     fit = fit_line(inverse_batch, inverse_lr, weights, absolute=replicated)
     if fit.slope <= 0:
         return {"saturated": None, "b_noise": None, "reason": "lr_not_increasing"}
-    return saturation_result(fit)
+    better = saturating_fits_better(summaries, fit)
+    result = saturation_result(fit, better)
+    result["better_than_power_law"] = better
+    return result
 
 
-def saturation_result(fit: LineFit) -> dict[str, Any]:
+def saturating_fits_better(summaries: list[BatchSummary], fit: LineFit) -> bool:
+    """Compare the weighted squared residuals of log(lr*) under both forms."""
+    x = np.log([summary.batch_size for summary in summaries])
+    y = np.array([summary.center for summary in summaries])
+    weights = np.array([summary.weight for summary in summaries])
+    power_law = fit_log_line(summaries, absolute=False)
+    power_residuals = y - power_law.intercept - power_law.slope * x
+    predicted = fit.intercept + fit.slope * np.exp(-x)
+    if (predicted <= 0).any():
+        return False
+    saturating_residuals = y + np.log(predicted)
+    power_error = float(weights @ power_residuals**2)
+    return float(weights @ saturating_residuals**2) < power_error
+
+
+def saturation_result(fit: LineFit, better: bool) -> dict[str, Any]:
     half = fit.half_width(0)
     upper = None if half is None else fit.intercept + half
     lower = None if half is None else fit.intercept - half
-    if fit.intercept > 0 and lower is not None and lower > 0:
+    if better and fit.intercept > 0 and lower is not None and lower > 0:
         b_noise = fit.slope / fit.intercept
         return {
             "saturated": True,
@@ -447,6 +468,12 @@ def verdict_text(
         parts.append("Excluded: " + describe(excluded) + ".")
     if len(consistent) > 1:
         parts.append(f"To tell them apart, about {needed} repeats would be needed.")
+    if interval[1] < 0:
+        parts.append(
+            "The learning rate falls as the batch grows, which none of the rules predicts."
+        )
+    elif interval[0] > 1:
+        parts.append("The learning rate grows faster than linearly with the batch.")
     return " ".join(parts)
 
 

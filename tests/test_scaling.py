@@ -161,6 +161,12 @@ def test_saturating_pure_power_law_lower_bound() -> None:
     assert fit["b_noise_lower_bound"] > 0
 
 
+def test_saturating_square_root_law_not_saturated() -> None:
+    fit = fit_saturating(power_law_samples(0.5, repeats=4, noise=0.05, seed=16))
+    assert fit["better_than_power_law"] is False
+    assert fit["saturated"] is False
+
+
 def test_saturating_falling_lr_not_fitted() -> None:
     fit = fit_saturating(power_law_samples(-0.5, repeats=2, noise=0.05, seed=15))
     assert fit["reason"] == "lr_not_increasing"
