@@ -98,7 +98,9 @@ def build_curve(
 class SuggestionCache:
     """Suggestions of finished runs, which never change, kept in memory.
 
-    Runs still in progress are computed on every request and not kept.
+    A finished run is identified by its state (status, step, attempt), so a
+    cached answer needs no read of its points. Runs still in progress are
+    computed on every request and not kept.
     """
 
     def __init__(self, max_entries: int = 2048) -> None:
@@ -106,19 +108,38 @@ class SuggestionCache:
         self.entries: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
         self.lock = threading.Lock()
 
+    @staticmethod
+    def key(job: Job, state: RunState, method: str) -> tuple[Any, ...] | None:
+        """Return the cache key of a finished run, or None for a running one."""
+        if state.status not in FINAL_RUN_STATUSES:
+            return None
+        return (
+            job.id,
+            run_name(state),
+            state.status,
+            state.step,
+            state.attempt,
+            method,
+        )
+
+    def lookup(self, job: Job, state: RunState, method: str) -> dict[str, Any] | None:
+        key = self.key(job, state, method)
+        with self.lock:
+            if key is None or key not in self.entries:
+                return None
+            self.entries.move_to_end(key)
+            return self.entries[key]
+
     def get(
         self, job: Job, state: RunState, points: list[Point], method: str
     ) -> dict[str, Any]:
-        if len(points) < 2:
-            return {}
-        key = (job.id, run_name(state), state.status, len(points), method)
-        cacheable = state.status in FINAL_RUN_STATUSES
-        with self.lock:
-            if cacheable and key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        value = suggest(points, method, job.spec.sweep.mode)
-        if cacheable:
+        """Return the run's suggestions, computed from ``points`` unless cached."""
+        cached = self.lookup(job, state, method)
+        if cached is not None:
+            return cached
+        value = suggest(points, method, job.spec.sweep.mode) if len(points) >= 2 else {}
+        key = self.key(job, state, method)
+        if key is not None:
             with self.lock:
                 self.entries[key] = value
                 while len(self.entries) > self.max_entries:
@@ -142,16 +163,22 @@ def build_curves(
 def finished_run_suggestions(
     store: Store, job: Job, method: str, cache: SuggestionCache
 ) -> dict[str, Any]:
-    """Return suggestions of the job's finished runs, by run name."""
-    finished = [state for state in job.runs if state.status in FINAL_RUN_STATUSES]
-    if not finished:
-        return {}
-    names = [run_name(state) for state in finished]
-    points_by_run = store.get_all_points(job.id, names)
-    return {
-        name: cache.get(job, state, points_by_run[name], method)
-        for name, state in zip(names, finished)
+    """Return suggestions of the job's finished runs, by run name.
+
+    Only runs missing from the cache have their points read, so polling a
+    job stays cheap.
+    """
+    finished = {
+        run_name(state): state
+        for state in job.runs
+        if state.status in FINAL_RUN_STATUSES
     }
+    found = {name: cache.lookup(job, state, method) for name, state in finished.items()}
+    missing = [name for name, value in found.items() if value is None]
+    points_by_run = store.get_all_points(job.id, missing) if missing else {}
+    for name in missing:
+        found[name] = cache.get(job, finished[name], points_by_run[name], method)
+    return found
 
 
 def analyze(job: Job, curves: list[Curve]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ async def final_event(client: redis.asyncio.Redis, job_key: str) -> str | None:
     """Return a closing "end" event when the job has finished, else None.
 
     Covers streams whose "end" entry a client already saw or that was
-    trimmed, because the job record still contains the final status.
+    trimmed, because the job record still contains the final status. A job
+    whose record expired counts as finished, with status null.
     """
     fields = await client.hgetall(job_key)
     status = fields.get("status")
@@ -87,24 +88,30 @@ async def stream_events(
     # The first read returns at once, so that a client resuming a finished
     # job gets its "end" event without waiting for a keep-alive period.
     block_ms: int | None = None
+    closing: str | None = None
     try:
         while True:
             reply = await client.xread(
                 {stream_key: after}, count=READ_COUNT, block=block_ms
             )
-            block_ms = int(keepalive_s * 1000)
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 after = entry_id
                 yield format_event(fields["type"], fields["data"], entry_id)
                 if fields["type"] == "end":
                     return
-            if not entries:
+            if entries:
+                block_ms = int(keepalive_s * 1000)
+            elif closing is not None:
+                yield closing
+                return
+            else:
+                # A job that finished since the read may have added events
+                # just before its end; one more read without waiting gets them.
                 closing = await final_event(client, store.job_key(job_id))
-                if closing is not None:
-                    yield closing
-                    return
-                yield ": keep-alive\n\n"
+                block_ms = None if closing else int(keepalive_s * 1000)
+                if closing is None:
+                    yield ": keep-alive\n\n"
     except (redis.ConnectionError, redis.TimeoutError) as error:
         # The response has started, so no 503 is possible; the client
         # reconnects with Last-Event-ID once Redis is back.
