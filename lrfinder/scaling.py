@@ -108,8 +108,8 @@ def median_weights(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values. Without repeats every batch size with a value weighs 1. With them,
     the weight is 1 / variance of the median. That variance comes from the
     row's spread, floored at a share of the variance pooled over rows, and a
-    row with one value gets the pooled variance. Returns the weights (0 for empty rows) and, per resample,
-    whether they are such inverse variances.
+    row with one value gets the pooled variance. Returns the weights (0 for
+    empty rows) and, per resample, whether they are such inverse variances.
     """
     counts = np.isfinite(values).sum(axis=-1)
     filled = np.where(np.isfinite(values), values, 0.0)
@@ -272,7 +272,10 @@ def bootstrap_alpha(samples: Samples, seed: int) -> list[float] | None:
 
 
 def weighted_slopes(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Return the weighted least-squares slope of every row of ``y``; NaN if undefined."""
+    """Return the weighted least-squares slope of every row of ``y``.
+
+    A row with fewer than two weighted points, or no spread in x, gets NaN.
+    """
     total = weights.sum(axis=-1, keepdims=True)
     x_mean = (weights * x).sum(axis=-1, keepdims=True) / np.maximum(total, 1e-300)
     y_mean = (weights * y).sum(axis=-1, keepdims=True) / np.maximum(total, 1e-300)
@@ -470,7 +473,8 @@ def verdict_text(
         parts.append(f"To tell them apart, about {needed} repeats would be needed.")
     if interval[1] < 0:
         parts.append(
-            "The learning rate falls as the batch grows, which none of the rules predicts."
+            "The learning rate falls as the batch grows, which none of the "
+            "rules predicts."
         )
     elif interval[0] > 1:
         parts.append("The learning rate grows faster than linearly with the batch.")

@@ -613,9 +613,9 @@ def find_range(
     The upper bound is the first point where the loss has fallen by
     ``upper_fraction`` of the drop (it stops falling). The lower bound is
     where the loss starts to fall for good: the point after the last one,
-    before the upper bound, that has fallen by less than ``lower_fraction``. ``lr`` is the
-    upper bound, the maximum LR of a cyclical or one-cycle schedule; ``extra``
-    holds both bounds.
+    before the upper bound, that has fallen by less than ``lower_fraction``.
+    ``lr`` is the upper bound, the maximum LR of a cyclical or one-cycle
+    schedule, and ``extra`` contains both bounds.
     """
     if not 0 <= lower_fraction <= upper_fraction <= 1:
         raise ValueError(

@@ -81,6 +81,13 @@ def test_verdict_names_true_rule(alpha: float, expected: list[str]) -> None:
     assert len(found["excluded"]) == 2
 
 
+def test_verdict_falling_lr_noted() -> None:
+    fit = fit_power_law(power_law_samples(-0.5, repeats=5, noise=0.1, seed=17))
+    found = verdict(fit)
+    assert found["consistent"] == []
+    assert "falls as the batch grows" in found["text"]
+
+
 def test_verdict_single_repeat_undecided() -> None:
     fit = fit_power_law(power_law_samples(0.5, repeats=1, noise=0.3, seed=7))
     found = verdict(fit)
