@@ -1,4 +1,4 @@
-"""How the suggested learning rate moves with the batch size, and the noise scale.
+"""Batch-size scaling of the suggested learning rate, and the gradient noise scale.
 
 Three estimates, all numpy and scipy:
 
