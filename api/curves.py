@@ -13,9 +13,9 @@ from lrfinder.jobs import FINAL_RUN_STATUSES, Curve, Job, Point, RunState
 from lrfinder.spec import RunKey
 from lrfinder.store import Store
 
-# The methods of lrfinder.analysis.METHODS (a test checks that they agree),
-# spelled out so that the schema builds without importing numpy and scipy;
-# "all" requests every method at once.
+# The methods of lrfinder.analysis.METHODS, which a test checks against it.
+# They are spelled out so that the schema builds without numpy and scipy.
+# The value "all" requests every method at once.
 SUGGESTION_METHODS = (
     "valley",
     "steep",

@@ -216,7 +216,7 @@ def describe_range(node: dict[str, Any]) -> str | None:
 
 
 # A validator that checks list items names the item in its message, such as
-# "batch_sizes[2]=0 is invalid: ...", while pydantic locates the whole list.
+# "batch_sizes[2]=0 is invalid: ...", but pydantic locates the whole list.
 ITEM_MESSAGE = re.compile(r"^(?P<path>[\w.]+\[(?P<index>\d+)\])=")
 
 

@@ -25,6 +25,7 @@ class JobQueue:
         self.celery.conf.update(
             task_default_queue=settings.queue,
             task_ignore_result=True,
+            task_serializer="json",
             # Retry a failed publish briefly; the caller reports the job failed.
             task_publish_retry_policy={
                 "max_retries": 2,
