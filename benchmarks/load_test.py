@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -23,6 +24,10 @@ from servers import ServiceStack, StackError, study_spec
 from workload import Workload
 
 THREADS = 16
+ENDPOINTS = ("job", "curves")
+# Requests per endpoint sent one at a time before the load, for a latency
+# without queueing.
+BASELINE_REQUESTS = 20
 # Seconds to wait for the first points, so that /curves returns real data.
 FIRST_POINTS_TIMEOUT_S = 300
 
@@ -34,6 +39,7 @@ class LoadResult:
     rate: float
     duration_s: float
     latencies_ms: list[float] = field(default_factory=list)
+    latencies_by_endpoint: dict[str, list[float]] = field(default_factory=dict)
     lags_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -42,9 +48,14 @@ class LoadResult:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
-    def summary(self) -> dict[str, float | int | list[str]]:
+    def summary(self) -> dict[str, Any]:
         latencies = self.latencies_ms or [float("nan")]
+        by_endpoint = {
+            name: {"p50_ms": statistics.median(values),
+                   "p99_ms": self.percentile(values, 0.99)}
+            for name, values in self.latencies_by_endpoint.items()}
         return {
+            "by_endpoint": by_endpoint,
             "requests": len(self.latencies_ms) + len(self.errors),
             "target_rate": self.rate,
             "achieved_rate": (len(self.latencies_ms) + len(self.errors))
@@ -76,7 +87,11 @@ def generate(base_url: str, job_id: str, rate: float, duration_s: float) -> Load
                 finished = time.perf_counter()
                 with lock:
                     if outcome is None:
-                        result.latencies_ms.append((finished - sent) * 1000)
+                        latency_ms = (finished - sent) * 1000
+                        result.latencies_ms.append(latency_ms)
+                        endpoint = ENDPOINTS[index % 2]
+                        result.latencies_by_endpoint.setdefault(
+                            endpoint, []).append(latency_ms)
                     else:
                         result.errors.append(outcome)
                     result.lags_ms.append(max(0.0, sent - due) * 1000)
@@ -100,6 +115,27 @@ def request_once(client: httpx.Client, path: str) -> str | None:
     if response.status_code != 200:
         return f"HTTP {response.status_code} on {path.split('/')[-1]}"
     return None
+
+
+def sequential_latencies(stack: ServiceStack, job_id: str) -> dict[str, dict]:
+    """Return each endpoint's median latency and API CPU time per request, ms.
+
+    Requests are sent one at a time, so the latency has no queueing in it.
+    """
+    paths = {"job": f"/v1/jobs/{job_id}", "curves": f"/v1/jobs/{job_id}/curves"}
+    figures = {}
+    with stack.client() as client:
+        for endpoint, path in paths.items():
+            latencies = []
+            cpu_before = stack.api_cpu_seconds()
+            for _ in range(BASELINE_REQUESTS):
+                sent = time.perf_counter()
+                client.get(path).raise_for_status()
+                latencies.append((time.perf_counter() - sent) * 1000)
+            cpu_ms = (stack.api_cpu_seconds() - cpu_before) * 1000
+            figures[endpoint] = {"p50_ms": statistics.median(latencies),
+                                 "api_cpu_ms": cpu_ms / BASELINE_REQUESTS}
+    return figures
 
 
 def wait_for_points(stack: ServiceStack, job_id: str) -> None:
@@ -129,11 +165,16 @@ def measure(workload: Workload, work: Path, rate: float,
     with ServiceStack(photos.parent, work) as stack:
         job_id = stack.submit(study_spec(workload, dataset=photos.name))
         wait_for_points(stack, job_id)
+        baseline = sequential_latencies(stack, job_id)
+        cpu_before = stack.api_cpu_seconds()
         result = generate(stack.base_url, job_id, rate, duration_s)
+        api_cpu_seconds = stack.api_cpu_seconds() - cpu_before
         with stack.client() as api:
             job = api.get(f"/v1/jobs/{job_id}").json()
             api.post(f"/v1/jobs/{job_id}/cancel")
     summary = result.summary()
+    summary["sequential"] = baseline
+    summary["api_cpu_share_during_load"] = api_cpu_seconds / result.elapsed_s
     summary["job_status_after_load"] = job["status"]
     summary["steps_done_during_load"] = sum(run["step"] for run in job["runs"])
     return summary

@@ -249,7 +249,15 @@ def load_section(extras: dict) -> list[str]:
             f"| {load['requests']} | {load['target_rate']:.0f}/s | "
             f"{load['achieved_rate']:.1f}/s | {load['p50_ms']:.1f} | "
             f"{load['p99_ms']:.1f} | {load['max_ms']:.1f} | {load['errors']} | "
-            f"{load['p99_lag_ms']:.1f} | {load['steps_done_during_load']} |"]
+            f"{load['p99_lag_ms']:.1f} | {load['steps_done_during_load']} |",
+            "", "Per endpoint under load (p50 / p99 ms): " + ", ".join(
+                f"{name} {figures['p50_ms']:.1f} / {figures['p99_ms']:.1f}"
+                for name, figures in load["by_endpoint"].items())
+            + f". The API process used {load['api_cpu_share_during_load']:.2f} "
+            "CPU cores during the load. One request at a time before the load: "
+            + ", ".join(f"{name} p50 {value['p50_ms']:.1f} ms, "
+                        f"{value['api_cpu_ms']:.1f} ms of API CPU per request"
+                        for name, value in load["sequential"].items()) + "."]
 
 
 def fan_out_section(extras: dict) -> list[str]:

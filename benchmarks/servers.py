@@ -103,6 +103,7 @@ class ServiceStack:
         )
         self.processes: list[subprocess.Popen] = []
         self.worker_processes: list[subprocess.Popen] = []
+        self.api_process: subprocess.Popen | None = None
         self._logs: list[Any] = []
 
     @property
@@ -135,7 +136,7 @@ class ServiceStack:
                 "-Q", "lrfinder", "--pool", "solo", "--concurrency", "1",
                 "--prefetch-multiplier", "1", "-n", f"bench{index}@%h",
                 "--loglevel", "INFO"]))
-        api = self._start("api", [
+        api = self.api_process = self._start("api", [
             sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1",
             "--port", str(self.api_port), "--log-level", "warning"])
         self._wait(lambda: self.client().get("/healthz").status_code == 200,
@@ -216,6 +217,12 @@ class ServiceStack:
         started = time.perf_counter()
         job = self.wait(self.submit(spec), timeout_s)
         return time.perf_counter() - started, job
+
+    def api_cpu_seconds(self) -> float:
+        """Return the CPU seconds (user and system) the API process has used."""
+        fields = Path(f"/proc/{self.api_process.pid}/stat").read_text().rsplit(")", 1)[1]
+        user_ticks, system_ticks = fields.split()[11:13]
+        return (int(user_ticks) + int(system_ticks)) / os.sysconf("SC_CLK_TCK")
 
     def worker_peak_rss_mb(self) -> float:
         """Return the largest peak resident memory of the worker processes, MiB."""
