@@ -478,12 +478,12 @@ def assert_state_equal(before: dict[str, Any], after: dict[str, Any]) -> None:
 def prepared_training(optimizer_name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Create a model and optimizer as a caller's training loop leaves them.
 
-    The model has BatchNorm, dropout and one layer in eval mode. The optimizer
+    The model has BatchNorm, dropout and one layer (the ReLU) in eval mode. The optimizer
     has per-parameter state, and the parameters hold gradients from a last
     backward pass that no step consumed.
     """
     model = make_classifier(dropout=0.2)
-    model[3].eval()
+    model[2].eval()
     spec = OptimizerSpec(name=optimizer_name)
     optimizer = build_optimizer(model.parameters(), spec, lr=0.01)
     batches = make_batches(3, seed=9)
@@ -499,12 +499,35 @@ def prepared_training(optimizer_name: str) -> tuple[nn.Module, torch.optim.Optim
     return model, optimizer
 
 
+def meddling_loss(model: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
+    """Return a cross-entropy loss that also changes the caller's global state.
+
+    It draws from numpy's and Python's generators and switches every module
+    to train mode, as augmentation or callback code inside a loss may do.
+    """
+
+    def criterion(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        numpy.random.rand()
+        random.random()
+        model.train()
+        return functional.cross_entropy(outputs, targets)
+
+    return criterion
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
 def test_range_test_restores_state(optimizer_name: str) -> None:
     model, optimizer = prepared_training(optimizer_name)
     before = training_state(model, optimizer)
     result = sweep(
-        model, make_batches(4), optimizer=optimizer, end_lr=10.0, num_iter=30
+        model,
+        make_batches(4),
+        optimizer=optimizer,
+        criterion=meddling_loss(model),
+        end_lr=10.0,
+        num_iter=30,
+        val_loader=make_batches(1, seed=11),
+        val_batches=1,
     )
     assert len(result.points) > 1
     assert_state_equal(before, training_state(model, optimizer))
