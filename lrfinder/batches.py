@@ -2,7 +2,7 @@
 
 The order of the samples in an epoch depends only on the seed and the epoch
 number, never on the batch size. A batch of size B is the next B samples of
-that order, so the first batch of size 8 is the first quarter of the first
+that order. So the first batch of size 8 is the first quarter of the first
 batch of size 32, and the curves of a study differ only by batch size.
 """
 

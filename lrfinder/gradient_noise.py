@@ -38,8 +38,8 @@ def measure_gradient_noise(
         ``{"batches": [{"batch_size": B, "squared_norms": [...]}, ...],
         "large_batch": {"batch_size": L, "squared_norm": x}}``, JSON-ready.
         The model is in train mode, as in the sweep, so BatchNorm uses batch
-        statistics; the large batch is accumulated in chunks of the largest
-        batch size, so its BatchNorm statistics are per chunk.
+        statistics. The large batch is accumulated in chunks of the largest
+        batch size, so its BatchNorm statistics are those of each chunk.
     """
     model = copy.deepcopy(initial).to(device)
     model.train()
@@ -69,12 +69,12 @@ def _take_samples(
     loader: BatchLoader, count: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     chunks = []
-    taken = 0
+    count_so_far = 0
     for inputs, labels in loader:
-        keep = min(len(labels), count - taken)
+        keep = min(len(labels), count - count_so_far)
         chunks.append((inputs[:keep], labels[:keep]))
-        taken += keep
-        if taken == count:
+        count_so_far += keep
+        if count_so_far == count:
             break
     return chunks
 

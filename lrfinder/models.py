@@ -183,8 +183,8 @@ def build_random(
     options: dict[str, object] = dict(RANDOM_INIT_OPTIONS.get(name, {}))
     if name.startswith("vit_") and image_size is not None:
         # A vision transformer's position embedding is sized for one input
-        # side; without pretrained weights it can be built for any multiple
-        # of its patch size (vit_b_16: 16).
+        # side. Without pretrained weights it can be built for any multiple
+        # of its patch size (16 for vit_b_16).
         options["image_size"] = image_size
     return torchvision.models.get_model(
         name, weights=None, num_classes=num_classes, **options
@@ -454,8 +454,8 @@ def _state_problems(
         ("wrong shapes", wrong_shape),
     ):
         if keys:
-            shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-            problems.append(f"{len(keys)} {label} ({shown})")
+            listed = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+            problems.append(f"{len(keys)} {label} ({listed})")
     return problems
 
 

@@ -1,10 +1,10 @@
 """Undecoded datasets: image folders and in-memory arrays, before resizing.
 
-A source lists its samples and labels cheaply, picks the subset a job asks
-for, then either decodes it all into memory or wraps it for per-batch
-decoding (streaming). Image folders decode in parallel processes; array
-sources (torchvision's built-in datasets, scikit-learn's digits and the
-synthetic set) are resized with torch in chunks.
+A source lists its samples and labels cheaply and picks the subset a job
+requests. Then it either decodes that subset into memory or wraps it for
+per-batch decoding (streaming). Image folders decode in parallel processes.
+Array sources (torchvision's built-in datasets, scikit-learn's digits and
+the synthetic set) are resized with torch in chunks.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lrfinder.jobs import DataReport
 logger = logging.getLogger(__name__)
 
 # Seed of the max_images subset: fixed, so that the decoded subset can be
-# cached and shared by every job that asks for the same count.
+# cached and shared by every job that requests the same count.
 SUBSET_SEED = 0
 SYNTHETIC_SEED = 2
 SYNTHETIC_IMAGES = 512
@@ -91,12 +91,12 @@ class FolderSource(Source):
         paths = [self.files[i] for i in chosen]
         results = decode.decode_files(paths, image_size, limits, workers)
         problems = [result.problem for result in results]
-        kept = [i for i, problem in enumerate(problems) if problem is None]
-        images = torch.empty((len(kept), 3, image_size, image_size), dtype=torch.uint8)
-        for row, i in enumerate(kept):
+        readable = [i for i, problem in enumerate(problems) if problem is None]
+        images = torch.empty((len(readable), 3, image_size, image_size), dtype=torch.uint8)
+        for row, i in enumerate(readable):
             images[row] = torch.from_numpy(results[i].image)
-        labels = torch.from_numpy(self.labels[chosen][kept])
-        report = self._report(paths, problems, len(kept))
+        labels = torch.from_numpy(self.labels[chosen][readable])
+        report = self._report(paths, problems, len(readable))
         return ImageData(labels, self.classes, report, image_size, images=images)
 
     def stream(
@@ -105,14 +105,14 @@ class FolderSource(Source):
         paths = [self.files[i] for i in chosen]
         # Only the headers are checked up front; see FileStream for the rest.
         problems = decode.inspect_files(paths, limits, workers)
-        kept = [i for i, problem in enumerate(problems) if problem is None]
-        stream = FileStream([paths[i] for i in kept], image_size, limits)
-        labels = torch.from_numpy(self.labels[chosen][kept])
-        report = self._report(paths, problems, len(kept))
+        readable = [i for i, problem in enumerate(problems) if problem is None]
+        stream = FileStream([paths[i] for i in readable], image_size, limits)
+        labels = torch.from_numpy(self.labels[chosen][readable])
+        report = self._report(paths, problems, len(readable))
         return ImageData(labels, self.classes, report, image_size, stream=stream)
 
     def _report(
-        self, paths: list[Path], problems: list[str | None], kept: int
+        self, paths: list[Path], problems: list[str | None], readable: int
     ) -> DataReport:
         skipped = [
             f"{path.relative_to(self.folder).as_posix()}: {problem}"
@@ -122,7 +122,7 @@ class FolderSource(Source):
         for line in skipped[:SKIPPED_EXAMPLES]:
             logger.warning("dataset %r: skipped %s", self.name, line)
         return DataReport(
-            images=kept,
+            images=readable,
             classes=self.classes,
             skipped_files=len(skipped),
             skipped_examples=skipped[:SKIPPED_EXAMPLES],
@@ -144,8 +144,8 @@ class FileStream(Dataset):
         result = decode.decode_image(self.paths[position], self.image_size, self.limits)
         if result.image is None:
             # NOTE: a file whose header passed the up-front check but whose
-            # pixel data is corrupt becomes a black image here; it is logged
-            # but not counted in the job's DataReport.
+            # pixel data is corrupt becomes a black image here. It is logged,
+            # but the job's DataReport does not count it.
             logger.warning("%s: %s; using a black image", self.paths[position], result.problem)
             return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
         return torch.from_numpy(result.image)

@@ -1,10 +1,10 @@
 """Batch-size studies: one range test per (batch size, repeat) of a job.
 
-``run_study`` decodes the dataset once, builds the model once per repeat
-seed and gives every batch size of that repeat a copy of the same initial
-weights and the same sample order (see ``lrfinder.batches``), so the curves
-of a repeat differ only by batch size. A run that fails, for example out of
-memory at a large batch size, is recorded and the next run starts.
+``run_study`` decodes the dataset once and builds the model once per repeat
+seed. Every batch size of a repeat starts from a copy of the same initial
+weights and draws the same sample order (see ``lrfinder.batches``), so the
+curves of a repeat differ only by batch size. A run that fails, for example
+out of memory at a large batch size, is recorded and the next run starts.
 """
 
 from __future__ import annotations
@@ -101,10 +101,11 @@ class RunResult:
 class StudyResult:
     """Every run of a study, with the data report and timings.
 
-    ``timings`` holds seconds spent on ``data`` (loading and decoding),
-    ``model`` (building and checking), ``features`` (the frozen-backbone
-    feature cache) and ``gradient_noise``. ``gradient_noise`` holds the raw
-    measurements of ``lrfinder.gradient_noise`` when the job asked for them.
+    ``timings`` contains the seconds spent on ``data`` (loading and
+    decoding), ``model`` (building and checking), ``features`` (the
+    frozen-backbone feature cache) and ``gradient_noise``. ``gradient_noise``
+    contains the raw measurements of ``lrfinder.gradient_noise`` when the job
+    requested them.
     """
 
     runs: list[RunResult]
@@ -421,7 +422,10 @@ class _Study:
             device=self.device,
             transform=transform,
             channels_last=channels_last,
-            workers=decode_workers(self.settings),
+            # The validation batches of a streamed dataset are read at every
+            # step, so starting worker processes each time would cost more
+            # than decoding them here.
+            workers=decode_workers(self.settings) if shuffle else 0,
         )
 
     def _validation_batch_size(self) -> int:

@@ -137,7 +137,8 @@ def test_decode_image_converts_modes(hostile_root: Path) -> None:
     # Fully transparent pixels are flattened onto white.
     assert numpy.all(transparent == 255)
     assert cmyk.shape == (3, 8, 8)
-    assert cmyk[0].mean() > 200 and cmyk[1].mean() < 60
+    assert cmyk[0].mean() > 200
+    assert cmyk[1].mean() < 60
     assert numpy.all(gray[0] == gray[1])
 
 
