@@ -14,8 +14,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import click
 import httpx
 import pytest
 import typer
@@ -71,12 +71,13 @@ def assert_no_traceback(completed: subprocess.CompletedProcess[str]) -> None:
 # -- help texts, in process ------------------------------------------------------
 
 
-def all_commands() -> Iterator[tuple[str, click.Command]]:
+def all_commands() -> Iterator[tuple[str, Any]]:
+    """Yield every command and sub-command of the app with its name."""
     group = typer.main.get_command(cli.app)
-    assert isinstance(group, click.Group)
     for name, command in group.commands.items():
-        if isinstance(command, click.Group):
-            for sub_name, sub_command in command.commands.items():
+        sub_commands = getattr(command, "commands", None)
+        if sub_commands:
+            for sub_name, sub_command in sub_commands.items():
                 yield f"{name} {sub_name}", sub_command
         else:
             yield name, command
@@ -341,7 +342,7 @@ def test_cli_openapi_prints_schema(env: dict[str, str]) -> None:
     assert "/v1/jobs" in json.loads(completed.stdout)["paths"]
 
 
-def stop(process: subprocess.Popen[str]) -> int:
+def stop(process: subprocess.Popen[bytes]) -> int:
     """Send SIGTERM to a process this test started and return its exit code."""
     process.send_signal(signal.SIGTERM)
     return process.wait(timeout=60)
@@ -350,18 +351,23 @@ def stop(process: subprocess.Popen[str]) -> int:
 def test_cli_serve_answers_healthz(env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     serve_env = {**env, "LRFINDER_API_PORT": str(port)}
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [*lrfinder_command(), "serve"], env=serve_env, stdout=log, stderr=log, text=True
-    )
-    url = f"http://127.0.0.1:{port}/healthz"
-    try:
-        wait_until(
-            lambda: probe(url) == 200, timeout_s=60, message="lrfinder serve /healthz"
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*lrfinder_command(), "serve"], env=serve_env, stdout=log, stderr=log
         )
-    finally:
-        exit_code = stop(process)
-    assert exit_code == 0
+        url = f"http://127.0.0.1:{port}/healthz"
+        try:
+            wait_until(
+                lambda: probe(url) == 200,
+                timeout_s=60,
+                message="lrfinder serve /healthz",
+            )
+        finally:
+            exit_code = stop(process)
+    # uvicorn shuts down gracefully, then raises the captured SIGTERM again.
+    assert exit_code == -signal.SIGTERM
+    assert "Finished server process" in log_path.read_text()
 
 
 def probe(url: str) -> int | None:
@@ -373,19 +379,18 @@ def probe(url: str) -> int | None:
 
 def test_cli_worker_registers(
     env: dict[str, str],
-    redis_service: RedisServer,
-    tmp_path: Path,  # noqa: F811
+    redis_service: RedisServer,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     # Its own queue, so that it takes no job from the module's worker.
     worker_env = {**env, "LRFINDER_QUEUE": "cli-test"}
-    log = (tmp_path / "worker.log").open("w")
-    process = subprocess.Popen(
-        [*lrfinder_command(), "worker", "--hostname", "cli-test@%h"],
-        env=worker_env,
-        stdout=log,
-        stderr=log,
-        text=True,
-    )
+    with (tmp_path / "worker.log").open("w") as log:
+        process = subprocess.Popen(
+            [*lrfinder_command(), "worker", "--hostname", "cli-test@%h"],
+            env=worker_env,
+            stdout=log,
+            stderr=log,
+        )
     store = Store.from_url(redis_service.url)
     try:
         wait_until(

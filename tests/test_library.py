@@ -33,10 +33,10 @@ def test_library_snippet_has_ten_lines() -> None:
 
 def test_library_snippet_runs(tmp_path: Path, photos_dir: Path) -> None:
     # The documented 100-step sweep takes most of a minute on a 2-core CPU,
-    # so the test runs the same code with a 20-step sweep.
+    # so the test runs the same code with a 10-step sweep.
     code = documented_snippet()
     assert "num_iter=100" in code
-    (tmp_path / "snippet.py").write_text(code.replace("num_iter=100", "num_iter=20"))
+    (tmp_path / "snippet.py").write_text(code.replace("num_iter=100", "num_iter=10"))
     copy_subset(photos_dir, tmp_path / "photos", per_class=16)
     completed = subprocess.run(
         [sys.executable, "snippet.py"],
