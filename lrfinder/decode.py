@@ -78,6 +78,9 @@ def _guarded(path: Path, limits: DecodeLimits, read: Callable) -> DecodeResult:
     except _OverPixelLimit as error:
         return DecodeResult(None, str(error))
     except Image.DecompressionBombError:
+        # NOTE: PIL raises this at open for images over twice its own
+        # Image.MAX_IMAGE_PIXELS (about 179 million pixels by default), so a
+        # max_pixels setting above that still skips such images.
         return DecodeResult(None, "over the pixel limit (decompression bomb)")
     # Hostile or broken files make PIL's format plugins raise many exception
     # types (OSError, SyntaxError, ValueError, struct.error, ...). Any of them

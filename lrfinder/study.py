@@ -277,14 +277,16 @@ class _Study:
         return self.spec.run_keys()[0] in keys
 
     def _measure_noise(self) -> dict[str, Any]:
-        return measure_gradient_noise(
-            self.initial_model(0),
-            self.data,
-            self.spec.batch_sizes,
-            seed=self.spec.repeat_seed(0),
-            device=self.device,
-            criterion=self.criterion,
-        )
+        seed = self.spec.repeat_seed(0)
+        with _seeded(seed, self.device):
+            return measure_gradient_noise(
+                self.initial_model(0),
+                self.data,
+                self.spec.batch_sizes,
+                seed=seed,
+                device=self.device,
+                criterion=self.criterion,
+            )
 
     # -- runs -------------------------------------------------------------------
 
@@ -334,8 +336,28 @@ class _Study:
                 key, [], "time_limit", "the job's time budget was spent before this run started"
             )
         model, train, validation, cached = self._prepare_run(key)
+        with _seeded(self.spec.repeat_seed(key.repeat), self.device):
+            result = self._range_test(key, model, train, validation, remaining)
+        return RunResult(
+            key,
+            result.points,
+            result.stop_reason,
+            result.error,
+            result.seconds,
+            result.skipped_steps,
+            feature_cache=cached,
+        )
+
+    def _range_test(
+        self,
+        key: RunKey,
+        model: nn.Module,
+        train: BatchLoader,
+        validation: BatchLoader | None,
+        remaining: float,
+    ) -> engine.RangeTestResult:
         sweep = self.spec.sweep
-        result = engine.range_test(
+        return engine.range_test(
             model,
             engine.build_optimizer(_trainable(model), self.spec.optimizer, sweep.start_lr),
             self.criterion,
@@ -356,15 +378,6 @@ class _Study:
             time_limit_s=remaining,
             restore=False,
             raise_errors=False,
-        )
-        return RunResult(
-            key,
-            result.points,
-            result.stop_reason,
-            result.error,
-            result.seconds,
-            result.skipped_steps,
-            feature_cache=cached,
         )
 
     def _prepare_run(
@@ -487,6 +500,19 @@ class _Study:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for one run and restore the caller's afterwards.
+
+    Dropout and other random layers draw from the global generators, so a
+    run's curve depends only on its repeat seed, not on what ran before it.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

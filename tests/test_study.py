@@ -373,3 +373,19 @@ def test_study_cuda_matches_loaders(tmp_path: Path) -> None:
     result = run_study(make_spec(runtime={"compile": "channels_last"}), settings=settings_for(tmp_path), device="cuda")
     assert result.device.startswith("cuda")
     assert all(run.stop_reason == "completed" for run in result.runs)
+
+
+def test_study_random_layers_seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = SmallCNN.forward
+
+    def forward_with_dropout(self: SmallCNN, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(original(self, inputs), 0.5, self.training)
+
+    monkeypatch.setattr(SmallCNN, "forward", forward_with_dropout)
+    torch.manual_seed(1)
+    first = run_study(make_spec(), settings=settings_for(tmp_path))
+    torch.manual_seed(2)
+    state = torch.random.get_rng_state()
+    second = run_study(make_spec(), settings=settings_for(tmp_path))
+    assert curves(first) == curves(second)
+    assert torch.equal(torch.random.get_rng_state(), state)
