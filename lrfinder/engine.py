@@ -36,7 +36,7 @@ from lrfinder.schedule import (
     learning_rates,
 )
 
-__all__ = ["RangeTestResult", "build_optimizer", "range_test"]
+__all__ = ["RangeTestResult", "build_optimizer", "learning_rates", "range_test"]
 
 logger = logging.getLogger(__name__)
 

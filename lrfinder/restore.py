@@ -4,6 +4,8 @@ A sweep trains the caller's model with ever larger learning rates, so the
 engine takes a snapshot first and restores it afterwards, also when the sweep
 raises. Tensors are cloned in memory and copied back in place, so parameter
 objects, optimizer references and tensor identities survive the restore.
+The copies stay on the tensors' device, so a sweep holds a second copy of the
+parameters, buffers and optimizer state there until it ends.
 """
 
 from __future__ import annotations

@@ -17,8 +17,10 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
+from lrfinder import engine
 from lrfinder.engine import RangeTestResult, build_optimizer, range_test
 from lrfinder.jobs import Curve
+from lrfinder.precision import MixedPrecision
 from lrfinder.schedule import DivergenceRule, LossSmoother, learning_rates
 from lrfinder.spec import OptimizerSpec
 
@@ -775,6 +777,37 @@ def test_range_test_amp_ignored_on_cpu() -> None:
     plain = sweep(make_classifier(), make_batches(3), num_iter=6)
     mixed = sweep(make_classifier(), make_batches(3), num_iter=6, amp="bf16")
     assert mixed.losses == plain.losses
+
+
+class CpuScaledPrecision(MixedPrecision):
+    """The fp16 path's gradient scaling, run on the CPU without autocast."""
+
+    def __init__(self, amp: str, device: torch.device) -> None:
+        super().__init__("off", device)
+        self.scaler = torch.amp.GradScaler("cpu")
+        self.last_scale = self.scaler.get_scale()
+
+
+def test_range_test_flags_scaler_skipped_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine, "MixedPrecision", CpuScaledPrecision)
+    model = make_classifier(batchnorm=False)
+    calls: list[int] = []
+
+    def overflow_third_step(gradient: torch.Tensor) -> torch.Tensor:
+        return gradient * math.inf if len(calls) == 3 else gradient
+
+    def counting_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return functional.cross_entropy(outputs, targets)
+
+    model[0].weight.register_hook(overflow_third_step)
+    result = sweep(model, make_batches(3), criterion=counting_loss, num_iter=6)
+    skipped = [point.skipped for point in result.points]
+    assert skipped == [False, False, True, False, False, False]
+    assert result.skipped_steps == 1
+    assert all(point.loss is not None for point in result.points)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
