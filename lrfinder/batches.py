@@ -9,7 +9,8 @@ batch of size 32, and the curves of a study differ only by batch size.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -115,7 +116,11 @@ def epoch_batches(
     """
     if num_items < 1:
         raise ValueError("cannot draw batches from an empty dataset")
-    order = epoch_permutation(num_items, seed, epoch) if shuffle else torch.arange(num_items)
+    order = (
+        epoch_permutation(num_items, seed, epoch)
+        if shuffle
+        else torch.arange(num_items)
+    )
     if drop_last and num_items < batch_size:
         cycles = math.ceil(batch_size / num_items)
         return [order.repeat(cycles)[:batch_size]]

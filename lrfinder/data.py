@@ -18,9 +18,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import replace
 from pathlib import Path
-from typing import Hashable
 
 import torch
 
@@ -37,8 +37,8 @@ from lrfinder.errors import StudyError
 from lrfinder.imagedata import ImageData
 from lrfinder.settings import Settings
 from lrfinder.sources import (
-    Source,
     FolderSource,
+    Source,
     generated_source,
     torchvision_source,
 )
@@ -134,7 +134,9 @@ def load_dataset(spec: DatasetSpec, settings: Settings, pretrained: bool) -> Ima
         if not data.streamed:
             DECODE_CACHE.put(key, data)
     else:
-        logger.info("dataset %r at %d px found in the decode cache", spec.name, spec.image_size)
+        logger.info(
+            "dataset %r at %d px found in the decode cache", spec.name, spec.image_size
+        )
     return replace(data, normalize=Normalize.for_weights(pretrained))
 
 
@@ -147,7 +149,9 @@ def _decode_source(source: Source, spec: DatasetSpec, settings: Settings) -> Ima
     if estimated > settings.decode_cache_mb * 2**20:
         logger.info(
             "dataset %r needs %.0f MiB decoded, over decode_cache_mb=%d; streaming it",
-            spec.name, estimated / 2**20, settings.decode_cache_mb,
+            spec.name,
+            estimated / 2**20,
+            settings.decode_cache_mb,
         )
         data = source.stream(chosen, spec.image_size, limits, workers)
     else:
@@ -155,7 +159,9 @@ def _decode_source(source: Source, spec: DatasetSpec, settings: Settings) -> Ima
     _check_decoded(data, spec.name)
     logger.info(
         "dataset %r: %d images, %d skipped, %.1f s",
-        spec.name, data.report.images, data.report.skipped_files,
+        spec.name,
+        data.report.images,
+        data.report.skipped_files,
         time.perf_counter() - started,
     )
     return data

@@ -14,11 +14,12 @@ import math
 import multiprocessing
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -72,7 +73,9 @@ def _guarded(path: Path, limits: DecodeLimits, read: Callable) -> DecodeResult:
     if size == 0:
         return DecodeResult(None, "empty file")
     if size > limits.max_bytes:
-        return DecodeResult(None, f"{size} bytes is over the limit of {limits.max_bytes}")
+        return DecodeResult(
+            None, f"{size} bytes is over the limit of {limits.max_bytes}"
+        )
     try:
         return DecodeResult(read(path, limits=limits), None)
     except _OverPixelLimit as error:

@@ -11,7 +11,8 @@ estimates themselves are left to ``lrfinder.analysis``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,20 +49,34 @@ def measure_gradient_noise(
     for batch_size in batch_sizes:
         loader = _loader(data, batch_size, seed, device)
         chosen = list(zip(range(BATCHES_PER_SIZE), loader))
-        norms = [measure.squared_norm([(inputs, labels)]) for _, (inputs, labels) in chosen]
+        norms = [
+            measure.squared_norm([(inputs, labels)]) for _, (inputs, labels) in chosen
+        ]
         batches.append({"batch_size": batch_size, "squared_norms": norms})
     large_size = min(len(data), LARGE_BATCH_MAX)
     large = _loader(data, max(batch_sizes), seed, device, drop_last=False)
     chunks = _take_samples(large, large_size)
-    large_batch = {"batch_size": large_size, "squared_norm": measure.squared_norm(chunks)}
+    large_batch = {
+        "batch_size": large_size,
+        "squared_norm": measure.squared_norm(chunks),
+    }
     return {"batches": batches, "large_batch": large_batch}
 
 
 def _loader(
-    data: ImageData, batch_size: int, seed: int, device: torch.device, drop_last: bool = True
+    data: ImageData,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    drop_last: bool = True,
 ) -> BatchLoader:
     return BatchLoader(
-        data, batch_size, seed=seed, device=device, transform=data.normalize, drop_last=drop_last
+        data,
+        batch_size,
+        seed=seed,
+        device=device,
+        transform=data.normalize,
+        drop_last=drop_last,
     )
 
 
@@ -98,6 +113,8 @@ class _GradientNorms:
             # makes the accumulated gradient the mean over all of them.
             loss = self.criterion(self.model(inputs), labels) * (len(labels) / total)
             loss.backward()
-        squares = [p.grad.double().pow(2).sum() for p in self.parameters if p.grad is not None]
+        squares = [
+            p.grad.double().pow(2).sum() for p in self.parameters if p.grad is not None
+        ]
         self.model.zero_grad(set_to_none=True)
         return float(torch.stack(squares).sum()) if squares else 0.0

@@ -106,7 +106,6 @@ class _ViewDataset(Dataset):
         return self.stream[position], self.labels[item]
 
 
-
 def stratified_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     """Pick ``count`` indices with every class in proportion; return them sorted.
 
@@ -125,5 +124,3 @@ def stratified_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
         for label, quota in zip(classes, quotas)
     ]
     return np.sort(np.concatenate(picked))
-
-

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Hashable
 
 import numpy as np
 import torch
@@ -20,7 +20,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as transforms
 
 from lrfinder import decode
-from lrfinder.catalog import IMAGE_SUFFIXES, TORCHVISION_DATASETS, class_folders, image_files
+from lrfinder.catalog import (
+    IMAGE_SUFFIXES,
+    TORCHVISION_DATASETS,
+    class_folders,
+    image_files,
+)
 from lrfinder.errors import StudyError
 from lrfinder.imagedata import ImageData, stratified_sample
 from lrfinder.jobs import DataReport
@@ -57,13 +62,21 @@ class Source:
         return stratified_sample(self.labels, max_images, SUBSET_SEED)
 
     def decode(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         """Decode the ``chosen`` samples into memory."""
         raise NotImplementedError
 
     def stream(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         """Wrap the ``chosen`` samples for decoding batch by batch."""
         raise NotImplementedError
@@ -86,13 +99,19 @@ class FolderSource(Source):
         return ("folder", str(self.folder), folder_fingerprint(self.files))
 
     def decode(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         paths = [self.files[i] for i in chosen]
         results = decode.decode_files(paths, image_size, limits, workers)
         problems = [result.problem for result in results]
         readable = [i for i, problem in enumerate(problems) if problem is None]
-        images = torch.empty((len(readable), 3, image_size, image_size), dtype=torch.uint8)
+        images = torch.empty(
+            (len(readable), 3, image_size, image_size), dtype=torch.uint8
+        )
         for row, i in enumerate(readable):
             images[row] = torch.from_numpy(results[i].image)
         labels = torch.from_numpy(self.labels[chosen][readable])
@@ -100,7 +119,11 @@ class FolderSource(Source):
         return ImageData(labels, self.classes, report, image_size, images=images)
 
     def stream(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         paths = [self.files[i] for i in chosen]
         # Only the headers are checked up front; see FileStream for the rest.
@@ -132,7 +155,9 @@ class FolderSource(Source):
 class FileStream(Dataset):
     """Image files decoded one by one, for DataLoader workers."""
 
-    def __init__(self, paths: list[Path], image_size: int, limits: decode.DecodeLimits) -> None:
+    def __init__(
+        self, paths: list[Path], image_size: int, limits: decode.DecodeLimits
+    ) -> None:
         self.paths = paths
         self.image_size = image_size
         self.limits = limits
@@ -146,7 +171,9 @@ class FileStream(Dataset):
             # NOTE: a file whose header passed the up-front check but whose
             # pixel data is corrupt becomes a black image here. It is logged,
             # but the job's DataReport does not count it.
-            logger.warning("%s: %s; using a black image", self.paths[position], result.problem)
+            logger.warning(
+                "%s: %s; using a black image", self.paths[position], result.problem
+            )
             return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
         return torch.from_numpy(result.image)
 
@@ -155,7 +182,12 @@ class ArraySource(Source):
     """Images already in memory as uint8 arrays (N, H, W) or (N, H, W, C)."""
 
     def __init__(
-        self, name: str, arrays: np.ndarray, labels: np.ndarray, classes: list[str], key: Hashable
+        self,
+        name: str,
+        arrays: np.ndarray,
+        labels: np.ndarray,
+        classes: list[str],
+        key: Hashable,
     ) -> None:
         self.name = name
         self.arrays = arrays
@@ -167,7 +199,11 @@ class ArraySource(Source):
         return ("arrays", self.key)
 
     def decode(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         chunks = [
             resize_arrays(self.arrays[chosen[start : start + RESIZE_CHUNK]], image_size)
@@ -175,17 +211,27 @@ class ArraySource(Source):
         ]
         images = torch.cat(chunks)
         return ImageData(
-            torch.from_numpy(self.labels[chosen]), self.classes, self._report(len(chosen)),
-            image_size, images=images,
+            torch.from_numpy(self.labels[chosen]),
+            self.classes,
+            self._report(len(chosen)),
+            image_size,
+            images=images,
         )
 
     def stream(
-        self, chosen: np.ndarray, image_size: int, limits: decode.DecodeLimits, workers: int
+        self,
+        chosen: np.ndarray,
+        image_size: int,
+        limits: decode.DecodeLimits,
+        workers: int,
     ) -> ImageData:
         stream = ArrayStream(self.arrays[chosen], image_size)
         return ImageData(
-            torch.from_numpy(self.labels[chosen]), self.classes, self._report(len(chosen)),
-            image_size, stream=stream,
+            torch.from_numpy(self.labels[chosen]),
+            self.classes,
+            self._report(len(chosen)),
+            image_size,
+            stream=stream,
         )
 
     def _report(self, count: int) -> DataReport:
@@ -288,9 +334,13 @@ def synthetic_source() -> ArraySource:
     """
     generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
     patterns = torch.rand(SYNTHETIC_CLASSES, 3, 4, 4, generator=generator) * 255
-    patterns = torch.nn.functional.interpolate(patterns, size=SYNTHETIC_SIZE, mode="nearest")
+    patterns = torch.nn.functional.interpolate(
+        patterns, size=SYNTHETIC_SIZE, mode="nearest"
+    )
     labels = torch.arange(SYNTHETIC_IMAGES) % SYNTHETIC_CLASSES
-    noise = torch.randn(SYNTHETIC_IMAGES, 3, SYNTHETIC_SIZE, SYNTHETIC_SIZE, generator=generator)
+    noise = torch.randn(
+        SYNTHETIC_IMAGES, 3, SYNTHETIC_SIZE, SYNTHETIC_SIZE, generator=generator
+    )
     images = (patterns[labels] + 40 * noise).clamp(0, 255).round().to(torch.uint8)
     arrays = images.permute(0, 2, 3, 1).numpy()
     classes = [str(label) for label in range(SYNTHETIC_CLASSES)]
@@ -308,7 +358,9 @@ def torchvision_source(name: str, data_root: Path) -> ArraySource:
     class_name, folder, _ = TORCHVISION_DATASETS[name]
     dataset_class = getattr(torchvision.datasets, class_name)
     try:
-        dataset = dataset_class(root=str(data_root.resolve()), train=True, download=False)
+        dataset = dataset_class(
+            root=str(data_root.resolve()), train=True, download=False
+        )
     except (RuntimeError, OSError, ValueError) as error:
         raise StudyError(
             "dataset_invalid",
@@ -319,4 +371,6 @@ def torchvision_source(name: str, data_root: Path) -> ArraySource:
     arrays = np.asarray(dataset.data, dtype=np.uint8)
     labels = np.asarray(dataset.targets, dtype=np.int64)
     classes = [str(label) for label in dataset.classes]
-    return ArraySource(name, arrays, labels, classes, key=(name, str(data_root.resolve())))
+    return ArraySource(
+        name, arrays, labels, classes, key=(name, str(data_root.resolve()))
+    )

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -146,7 +147,9 @@ def run_study(
     started = time.perf_counter()
     settings = settings or get_settings()
     keys = _check_runs(spec, runs)
-    study = _Study(spec, settings, hooks or StudyHooks(), resolve_device(device or settings.device))
+    study = _Study(
+        spec, settings, hooks or StudyHooks(), resolve_device(device or settings.device)
+    )
     with study.backend_flags():
         study.prepare(keys)
         results = study.run_all(keys)
@@ -216,7 +219,8 @@ class _Study:
         self.device = device
         self.started = time.monotonic()
         self.budget_s = min(
-            spec.time_limit_s or settings.default_time_limit_s, settings.max_time_limit_s
+            spec.time_limit_s or settings.default_time_limit_s,
+            settings.max_time_limit_s,
         )
         self.criterion = nn.CrossEntropyLoss()
         self.initial_models: dict[int, nn.Module] = {}
@@ -245,7 +249,9 @@ class _Study:
         check_weights(self.spec.model, self.settings)
         with self._timed("data"):
             data = load_dataset(
-                self.spec.dataset, self.settings, pretrained=self.spec.model.weights is not None
+                self.spec.dataset,
+                self.settings,
+                pretrained=self.spec.model.weights is not None,
             )
         self.hooks.on_data(data.report)
         self.data = data
@@ -254,7 +260,9 @@ class _Study:
         if keys:
             with self._timed("model"):
                 model = self.initial_model(keys[0].repeat)
-                check_image_size(model, self.spec.model.name, self.spec.dataset.image_size)
+                check_image_size(
+                    model, self.spec.model.name, self.spec.dataset.image_size
+                )
         if self.spec.gradient_noise and self._measures_noise(keys):
             with self._timed("gradient_noise"):
                 self.gradient_noise = self._measure_noise()
@@ -307,14 +315,21 @@ class _Study:
     def run_one(self, key: RunKey) -> RunResult:
         """Run one range test; a failure becomes the run's stop reason."""
         self.hooks.on_run_start(key)
-        logger.info("run %s started: batch size %d, repeat %d", key.name, key.batch_size, key.repeat)
+        logger.info(
+            "run %s started: batch size %d, repeat %d",
+            key.name,
+            key.batch_size,
+            key.repeat,
+        )
         started = time.perf_counter()
         try:
             result = self._sweep(key)
         except torch.OutOfMemoryError as error:
-            result = RunResult(key, [], "out_of_memory", f"{type(error).__name__}: {error}")
+            result = RunResult(
+                key, [], "out_of_memory", f"{type(error).__name__}: {error}"
+            )
         # A failing run must never stop the others, whatever it raised.
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             logger.exception("run %s failed", key.name)
             result = RunResult(key, [], "error", f"{type(error).__name__}: {error}")
         if result.stop_reason == "out_of_memory":
@@ -323,8 +338,12 @@ class _Study:
         result.seconds = result.seconds or time.perf_counter() - started
         logger.info(
             "run %s ended: %s after %d steps in %.1f s (batch size %d, repeat %d)",
-            key.name, result.stop_reason, len(result.points), result.seconds,
-            key.batch_size, key.repeat,
+            key.name,
+            result.stop_reason,
+            len(result.points),
+            result.seconds,
+            key.batch_size,
+            key.repeat,
         )
         self.hooks.on_run_end(key, result)
         return result
@@ -333,7 +352,10 @@ class _Study:
         remaining = self.budget_s - (time.monotonic() - self.started)
         if remaining <= 0:
             return RunResult(
-                key, [], "time_limit", "the job's time budget was spent before this run started"
+                key,
+                [],
+                "time_limit",
+                "the job's time budget was spent before this run started",
             )
         model, train, validation, cached = self._prepare_run(key)
         with _seeded(self.spec.repeat_seed(key.repeat), self.device):
@@ -359,7 +381,9 @@ class _Study:
         sweep = self.spec.sweep
         return engine.range_test(
             model,
-            engine.build_optimizer(_trainable(model), self.spec.optimizer, sweep.start_lr),
+            engine.build_optimizer(
+                _trainable(model), self.spec.optimizer, sweep.start_lr
+            ),
             self.criterion,
             train,
             start_lr=sweep.start_lr,
@@ -396,13 +420,19 @@ class _Study:
             transform = self.data.normalize
         model.train()
         micro_batch = key.batch_size // self.spec.sweep.accumulation_steps
-        channels_last = features is None and self.spec.runtime.compile == "channels_last"
+        channels_last = (
+            features is None and self.spec.runtime.compile == "channels_last"
+        )
         train = self._loader(train_source, micro_batch, key, transform, channels_last)
         validation = None
         if validation_source is not None:
             validation = self._loader(
-                validation_source, self._validation_batch_size(), key, transform,
-                channels_last, shuffle=False,
+                validation_source,
+                self._validation_batch_size(),
+                key,
+                transform,
+                channels_last,
+                shuffle=False,
             )
         return model, train, validation, features is not None
 
@@ -499,7 +529,9 @@ class _Study:
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+            self.timings[name] = (
+                self.timings.get(name, 0.0) + time.perf_counter() - started
+            )
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy
 import pytest
@@ -50,7 +51,9 @@ def settings_for(root: Path, **changes: object) -> Settings:
     return Settings(**{**options, **changes})
 
 
-def write_photo(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> None:
+def write_photo(
+    path: Path, color: tuple[int, int, int], size: tuple[int, int] = (40, 30)
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, "JPEG", quality=95)
 
@@ -59,14 +62,24 @@ def write_blank_png(path: Path, width: int, height: int) -> None:
     """Write a valid 1-bit PNG of any size in a few kilobytes, row by row."""
     row = b"\x00" + bytes((width + 7) // 8)
     compressor = zlib.compressobj(9)
-    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    pixels = (
+        b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    )
 
     def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+        return (
+            struct.pack(">I", len(body))
+            + tag
+            + body
+            + struct.pack(">I", zlib.crc32(tag + body))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
     )
 
 
@@ -151,7 +164,9 @@ def test_decode_image_converts_modes(hostile_root: Path) -> None:
         ("b/bomb.png", "pixel limit"),
     ],
 )
-def test_decode_image_reports_problem(hostile_root: Path, name: str, problem: str) -> None:
+def test_decode_image_reports_problem(
+    hostile_root: Path, name: str, problem: str
+) -> None:
     result = decode_image(hostile_root / "mixed" / name, 16, LIMITS)
     assert result.image is None
     assert problem in result.problem
@@ -191,7 +206,9 @@ def test_load_dataset_one_class_rejected(tmp_path: Path) -> None:
     write_photo(tmp_path / "single" / "only" / "x.jpg", (1, 2, 3))
     write_photo(tmp_path / "single" / ".hidden" / "x.jpg", (1, 2, 3))
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="single", image_size=16), settings_for(tmp_path), False)
+        load_dataset(
+            DatasetSpec(name="single", image_size=16), settings_for(tmp_path), False
+        )
     assert caught.value.code == "dataset_invalid"
     assert "at least two" in caught.value.message
 
@@ -201,7 +218,9 @@ def test_load_dataset_empty_class_rejected(tmp_path: Path) -> None:
     (tmp_path / "gap" / "void").mkdir()
     (tmp_path / "gap" / "void" / "readme.txt").write_text("no images here")
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="gap", image_size=16), settings_for(tmp_path), False)
+        load_dataset(
+            DatasetSpec(name="gap", image_size=16), settings_for(tmp_path), False
+        )
     assert caught.value.code == "dataset_invalid"
     assert "'void' contains no image files" in caught.value.message
 
@@ -211,7 +230,9 @@ def test_load_dataset_unreadable_images_rejected(tmp_path: Path) -> None:
         (tmp_path / "junk" / name).mkdir(parents=True)
         (tmp_path / "junk" / name / "fake.jpg").write_text("text, not pixels")
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="junk", image_size=16), settings_for(tmp_path), False)
+        load_dataset(
+            DatasetSpec(name="junk", image_size=16), settings_for(tmp_path), False
+        )
     assert caught.value.code == "dataset_invalid"
     assert "no readable image" in caught.value.message
 
@@ -221,7 +242,9 @@ def test_load_dataset_class_all_unreadable_rejected(tmp_path: Path) -> None:
     (tmp_path / "half" / "b").mkdir(parents=True)
     (tmp_path / "half" / "b" / "fake.jpg").write_text("text, not pixels")
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="half", image_size=16), settings_for(tmp_path), False)
+        load_dataset(
+            DatasetSpec(name="half", image_size=16), settings_for(tmp_path), False
+        )
     assert "class 'b' has no readable image" in caught.value.message
 
 
@@ -233,13 +256,17 @@ def test_load_dataset_escaping_symlink_rejected(tmp_path: Path) -> None:
     root.mkdir()
     (root / "linked").symlink_to(outside)
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="linked", image_size=16), settings_for(root), False)
+        load_dataset(
+            DatasetSpec(name="linked", image_size=16), settings_for(root), False
+        )
     assert caught.value.code == "dataset_rejected"
 
 
 def test_load_dataset_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
-        load_dataset(DatasetSpec(name="nowhere", image_size=16), settings_for(tmp_path), False)
+        load_dataset(
+            DatasetSpec(name="nowhere", image_size=16), settings_for(tmp_path), False
+        )
     assert caught.value.code == "dataset_unknown"
     assert "synthetic" in caught.value.message
 
@@ -262,7 +289,9 @@ def write_fake_mnist(root: Path, count: int) -> tuple[numpy.ndarray, numpy.ndarr
 
 def test_load_dataset_torchvision_layout(tmp_path: Path) -> None:
     images, labels = write_fake_mnist(tmp_path, 30)
-    loaded = load_dataset(DatasetSpec(name="mnist", image_size=28), settings_for(tmp_path), False)
+    loaded = load_dataset(
+        DatasetSpec(name="mnist", image_size=28), settings_for(tmp_path), False
+    )
     assert loaded.images.shape == (30, 3, 28, 28)
     assert torch.equal(loaded.images[:, 0], torch.from_numpy(images))
     assert torch.equal(loaded.images[:, 2], torch.from_numpy(images))
@@ -277,30 +306,40 @@ def test_load_dataset_digits_upscaled() -> None:
 
 
 def test_load_dataset_synthetic_deterministic() -> None:
-    first = load_dataset(DatasetSpec(name="synthetic", image_size=16), Settings(), False)
+    first = load_dataset(
+        DatasetSpec(name="synthetic", image_size=16), Settings(), False
+    )
     DECODE_CACHE.clear()
-    second = load_dataset(DatasetSpec(name="synthetic", image_size=16), Settings(), False)
+    second = load_dataset(
+        DatasetSpec(name="synthetic", image_size=16), Settings(), False
+    )
     assert first.images.shape == (512, 3, 16, 16)
     assert torch.equal(first.images, second.images)
-    assert torch.bincount(first.labels).tolist() == [512 // 10 + (k < 2) for k in range(10)]
+    assert torch.bincount(first.labels).tolist() == [
+        512 // 10 + (k < 2) for k in range(10)
+    ]
 
 
 def test_decode_cache_same_as_fresh_decode(data_root: Path) -> None:
     spec = DatasetSpec(name="photos", image_size=24)
     in_process = load_dataset(spec, settings_for(data_root), pretrained=False)
     DECODE_CACHE.clear()
-    pooled = load_dataset(spec, settings_for(data_root, decode_workers=2), pretrained=False)
+    pooled = load_dataset(
+        spec, settings_for(data_root, decode_workers=2), pretrained=False
+    )
     cached = load_dataset(spec, settings_for(data_root), pretrained=False)
     assert len(in_process) == 96
     assert torch.equal(in_process.images, pooled.images)
     assert cached.images is pooled.images
 
 
-def test_decode_cache_decodes_once(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_cache_decodes_once(
+    data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = []
     original = data_module.decode.decode_files
 
-    def counting(paths, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting(paths: list[Path], *args: Any, **kwargs: Any) -> list[Any]:
         calls.append(len(paths))
         return original(paths, *args, **kwargs)
 
@@ -313,7 +352,9 @@ def test_decode_cache_decodes_once(data_root: Path, monkeypatch: pytest.MonkeyPa
 
 def fake_entry(megabytes: int) -> ImageData:
     images = torch.zeros((megabytes, 2**20), dtype=torch.uint8)
-    return ImageData(torch.zeros(megabytes, dtype=torch.int64), ["x"], DataReport(), 8, images=images)
+    return ImageData(
+        torch.zeros(megabytes, dtype=torch.int64), ["x"], DataReport(), 8, images=images
+    )
 
 
 def test_decode_cache_evicts_least_recently_used() -> None:
@@ -379,7 +420,9 @@ def test_load_dataset_normalization_by_weights(data_root: Path) -> None:
 
 
 def test_normalize_maps_range() -> None:
-    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    images = (
+        torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    )
     centered = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(images)
     imagenet = Normalize(IMAGENET_MEAN, IMAGENET_STD)(images)
     assert torch.allclose(centered[0], torch.full((3, 2, 2), -1.0))
@@ -480,7 +523,9 @@ def test_hidden_entries_never_classes(hostile_root: Path, tmp_path: Path) -> Non
     shutil.copytree(hostile_root / "mixed", folder, symlinks=True)
     shutil.rmtree(folder / "b")
     write_photo(folder / "b" / "only.jpg", (9, 9, 9))
-    loaded = load_dataset(DatasetSpec(name="mixed", image_size=8), settings_for(tmp_path), False)
+    loaded = load_dataset(
+        DatasetSpec(name="mixed", image_size=8), settings_for(tmp_path), False
+    )
     assert loaded.classes == ["a", "b"]
     assert not any("ipynb" in line for line in loaded.report.skipped_examples)
     assert os.path.isdir(folder / ".ipynb_checkpoints")

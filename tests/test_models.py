@@ -59,10 +59,16 @@ def unchecked_spec(**fields: object) -> ModelSpec:
 
 
 def body_state(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in model.state_dict().items() if not key.startswith(head)}
+    return {
+        key: value
+        for key, value in model.state_dict().items()
+        if not key.startswith(head)
+    }
 
 
-def states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+def states_equal(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
+) -> bool:
     return first.keys() == second.keys() and all(
         torch.equal(first[key], second[key]) for key in first
     )
@@ -136,7 +142,9 @@ def test_build_model_unknown_name(tmp_path: Path) -> None:
 
 
 def test_build_model_vit_sized_for_images(tmp_path: Path) -> None:
-    network = build_model(ModelSpec(name="vit_b_32"), 2, settings_for(tmp_path), image_size=32)
+    network = build_model(
+        ModelSpec(name="vit_b_32"), 2, settings_for(tmp_path), image_size=32
+    )
     check_image_size(network, "vit_b_32", 32)
     assert classifier_name(network) == "heads.head"
     assert replace_classifier(network, 5) == "heads.head"
@@ -164,7 +172,9 @@ def test_hub_weights_missing(torch_home: Path, tmp_path: Path) -> None:
 
 def test_check_weights_hub_missing(torch_home: Path, tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
-        check_weights(ModelSpec(name="resnet18", weights="DEFAULT"), settings_for(tmp_path))
+        check_weights(
+            ModelSpec(name="resnet18", weights="DEFAULT"), settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_missing"
 
 
@@ -172,7 +182,9 @@ def test_check_weights_hub_missing(torch_home: Path, tmp_path: Path) -> None:
 def test_hub_weights_loaded(torch_home: Path, tmp_path: Path, weights: str) -> None:
     torch.manual_seed(7)
     reference = torchvision.models.resnet18()
-    torch.save(reference.state_dict(), torch_home / "hub" / "checkpoints" / RESNET18_FILE)
+    torch.save(
+        reference.state_dict(), torch_home / "hub" / "checkpoints" / RESNET18_FILE
+    )
     spec = ModelSpec(name="resnet18", weights=weights)
     model = build_model(spec, 3, settings_for(tmp_path))
     assert states_equal(body_state(model, "fc."), body_state(reference, "fc."))
@@ -180,7 +192,10 @@ def test_hub_weights_loaded(torch_home: Path, tmp_path: Path, weights: str) -> N
 
 
 def test_hub_weights_pickled_model_rejected(torch_home: Path, tmp_path: Path) -> None:
-    torch.save(torchvision.models.resnet18(), torch_home / "hub" / "checkpoints" / RESNET18_FILE)
+    torch.save(
+        torchvision.models.resnet18(),
+        torch_home / "hub" / "checkpoints" / RESNET18_FILE,
+    )
     spec = ModelSpec(name="resnet18", weights="IMAGENET1K_V1")
     with pytest.raises(StudyError) as caught:
         build_model(spec, 3, settings_for(tmp_path))
@@ -190,21 +205,27 @@ def test_hub_weights_pickled_model_rejected(torch_home: Path, tmp_path: Path) ->
 
 def test_hub_weights_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
-        build_model(ModelSpec(name="resnet18", weights="IMAGENET9K"), 2, settings_for(tmp_path))
+        build_model(
+            ModelSpec(name="resnet18", weights="IMAGENET9K"), 2, settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_unknown"
     assert "IMAGENET1K_V1" in caught.value.message
 
 
 def test_small_cnn_has_no_hub_weights(tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
-        build_model(ModelSpec(name="small_cnn", weights="DEFAULT"), 2, settings_for(tmp_path))
+        build_model(
+            ModelSpec(name="small_cnn", weights="DEFAULT"), 2, settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_unknown"
 
 
 def test_state_dict_file_same_head(tmp_path: Path) -> None:
     reference = SmallCNN(2)
     torch.save(reference.state_dict(), tmp_path / "cnn.pt")
-    model = build_model(ModelSpec(name="small_cnn", weights="cnn.pt"), 2, settings_for(tmp_path))
+    model = build_model(
+        ModelSpec(name="small_cnn", weights="cnn.pt"), 2, settings_for(tmp_path)
+    )
     assert states_equal(model.state_dict(), reference.state_dict())
 
 
@@ -213,14 +234,18 @@ def test_state_dict_file_new_head(tmp_path: Path) -> None:
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, tmp_path / "cnn.pth")
     spec = ModelSpec(name="small_cnn", weights="cnn.pth")
     model = build_model(spec, 4, settings_for(tmp_path))
-    assert states_equal(body_state(model, "classifier."), body_state(reference, "classifier."))
+    assert states_equal(
+        body_state(model, "classifier."), body_state(reference, "classifier.")
+    )
     assert model.classifier.out_features == 4
 
 
 def test_state_dict_file_wrong_model(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pt")
     with pytest.raises(StudyError) as caught:
-        build_model(ModelSpec(name="small_cnn", weights="other.pt"), 2, settings_for(tmp_path))
+        build_model(
+            ModelSpec(name="small_cnn", weights="other.pt"), 2, settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_invalid"
     assert "missing keys" in caught.value.message
 
@@ -236,7 +261,9 @@ def test_safetensors_file_loaded(tmp_path: Path) -> None:
 def test_pickled_model_file_rejected(tmp_path: Path) -> None:
     torch.save(SmallCNN(2), tmp_path / "model.pt")
     with pytest.raises(StudyError) as caught:
-        build_model(ModelSpec(name="small_cnn", weights="model.pt"), 2, settings_for(tmp_path))
+        build_model(
+            ModelSpec(name="small_cnn", weights="model.pt"), 2, settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_rejected"
     assert "accepted formats" in caught.value.message
 
@@ -244,7 +271,9 @@ def test_pickled_model_file_rejected(tmp_path: Path) -> None:
 def test_non_tensor_pickle_rejected(tmp_path: Path) -> None:
     torch.save({"layers": [1, 2, 3]}, tmp_path / "odd.pt")
     with pytest.raises(StudyError) as caught:
-        build_model(ModelSpec(name="small_cnn", weights="odd.pt"), 2, settings_for(tmp_path))
+        build_model(
+            ModelSpec(name="small_cnn", weights="odd.pt"), 2, settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_rejected"
 
 
@@ -252,12 +281,16 @@ def test_corrupt_weights_file_invalid(tmp_path: Path) -> None:
     (tmp_path / "broken.safetensors").write_bytes(b"\x00\x01 not safetensors")
     with pytest.raises(StudyError) as caught:
         build_model(
-            ModelSpec(name="small_cnn", weights="broken.safetensors"), 2, settings_for(tmp_path)
+            ModelSpec(name="small_cnn", weights="broken.safetensors"),
+            2,
+            settings_for(tmp_path),
         )
     assert caught.value.code == "weights_invalid"
 
 
-@pytest.mark.parametrize("weights", ["/etc/passwd.pt", "../outside.pt", "a/../../outside.pt"])
+@pytest.mark.parametrize(
+    "weights", ["/etc/passwd.pt", "../outside.pt", "a/../../outside.pt"]
+)
 def test_weights_path_outside_root_rejected(tmp_path: Path, weights: str) -> None:
     root = tmp_path / "weights"
     root.mkdir()
@@ -279,7 +312,9 @@ def test_weights_escaping_symlink_rejected(tmp_path: Path) -> None:
 
 def test_weights_file_missing(tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
-        check_weights(ModelSpec(name="small_cnn", weights="absent.pt"), settings_for(tmp_path))
+        check_weights(
+            ModelSpec(name="small_cnn", weights="absent.pt"), settings_for(tmp_path)
+        )
     assert caught.value.code == "weights_missing"
     assert str(tmp_path) not in caught.value.message
 
@@ -300,7 +335,11 @@ def test_frozen_body_stays_in_eval_mode(tmp_path: Path) -> None:
     statistics = model.network.features[0][1].running_mean.clone()
     model.train()
     model(torch.randn(4, 3, 16, 16))
-    body_modes = {module.training for name, module in model.network.named_modules() if name != "classifier"}
+    body_modes = {
+        module.training
+        for name, module in model.network.named_modules()
+        if name != "classifier"
+    }
     assert model.training
     assert model.head.training
     assert body_modes == {False}

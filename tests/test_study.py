@@ -38,14 +38,23 @@ def make_spec(**fields: Any) -> JobSpec:
         "model": {"name": "small_cnn"},
         "dataset": {"name": "synthetic", "image_size": 16, "max_images": 120},
         "batch_sizes": [16, 4],
-        "sweep": {"start_lr": 1e-4, "end_lr": 1.0, "num_iter": 12, "diverge_threshold": None},
+        "sweep": {
+            "start_lr": 1e-4,
+            "end_lr": 1.0,
+            "num_iter": 12,
+            "diverge_threshold": None,
+        },
     }
     values.update(fields)
     return JobSpec.model_validate(values)
 
 
 def settings_for(root: Path, **changes: Any) -> Settings:
-    options: dict[str, Any] = {"data_root": root, "weights_root": root, "decode_workers": 1}
+    options: dict[str, Any] = {
+        "data_root": root,
+        "weights_root": root,
+        "decode_workers": 1,
+    }
     return Settings(**{**options, **changes})
 
 
@@ -105,7 +114,13 @@ def capture_range_tests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]
     """Replace the engine's sweep by a recorder of what the study passes it."""
     calls: list[dict[str, Any]] = []
 
-    def recorder(model, optimizer, criterion, train_loader, **options):  # noqa: ANN001, ANN003, ANN202
+    def recorder(
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Any,
+        train_loader: Any,
+        **options: Any,
+    ) -> engine.RangeTestResult:
         inputs, labels = next(iter(train_loader))
         calls.append(
             {
@@ -123,13 +138,17 @@ def capture_range_tests(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]
     return calls
 
 
-def test_study_same_start_for_batch_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_same_start_for_batch_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = capture_range_tests(monkeypatch)
     run_study(make_spec(batch_sizes=[16, 4, 8]), settings=settings_for(tmp_path))
     first, second, third = calls
     for call in (second, third):
         assert call["state"].keys() == first["state"].keys()
-        assert all(torch.equal(call["state"][k], first["state"][k]) for k in first["state"])
+        assert all(
+            torch.equal(call["state"][k], first["state"][k]) for k in first["state"]
+        )
     assert torch.equal(second["inputs"], first["inputs"][:4])
     assert torch.equal(third["labels"], first["labels"][:8])
 
@@ -143,7 +162,9 @@ def test_study_repeats_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert not torch.equal(calls[0]["inputs"], calls[1]["inputs"])
 
 
-def test_study_passes_sweep_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_passes_sweep_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = capture_range_tests(monkeypatch)
     spec = make_spec(
         batch_sizes=[8],
@@ -168,7 +189,7 @@ def test_study_decodes_once(data_root: Path, monkeypatch: pytest.MonkeyPatch) ->
     calls = []
     original = data_module.decode.decode_files
 
-    def counting(paths, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting(paths: list[Path], *args: Any, **kwargs: Any) -> list[Any]:
         calls.append(len(paths))
         return original(paths, *args, **kwargs)
 
@@ -231,7 +252,9 @@ def test_study_out_of_memory_one_batch_size(
     monkeypatch.setattr(SmallCNN, "forward", forward)
     hooks = RecordingHooks()
     caplog.set_level(logging.INFO, logger="lrfinder.study")
-    result = run_study(make_spec(batch_sizes=[4, 16, 8]), settings=settings_for(tmp_path), hooks=hooks)
+    result = run_study(
+        make_spec(batch_sizes=[4, 16, 8]), settings=settings_for(tmp_path), hooks=hooks
+    )
     by_name = {run.key.name: run for run in result.runs}
     assert by_name["16-0"].stop_reason == "out_of_memory"
     assert "batch size 16" in by_name["16-0"].error
@@ -259,7 +282,9 @@ def test_study_hooks_order(tmp_path: Path) -> None:
 
 def test_study_stops_between_runs(tmp_path: Path) -> None:
     hooks = RecordingHooks(stop_after_runs=1)
-    result = run_study(make_spec(batch_sizes=[16, 8, 4]), settings=settings_for(tmp_path), hooks=hooks)
+    result = run_study(
+        make_spec(batch_sizes=[16, 8, 4]), settings=settings_for(tmp_path), hooks=hooks
+    )
     assert [run.key.name for run in result.runs] == ["16-0"]
     assert list(hooks.ended) == ["16-0"]
 
@@ -283,7 +308,9 @@ def test_study_runs_subset(tmp_path: Path) -> None:
 
 def test_study_unknown_run_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not runs of this job"):
-        run_study(make_spec(), settings=settings_for(tmp_path), runs=[RunKey(batch_size=5)])
+        run_study(
+            make_spec(), settings=settings_for(tmp_path), runs=[RunKey(batch_size=5)]
+        )
 
 
 def test_study_validation_loss(tmp_path: Path) -> None:
@@ -348,7 +375,9 @@ def test_study_gradient_noise(tmp_path: Path) -> None:
 
 
 def test_study_without_gradient_noise(tmp_path: Path) -> None:
-    result = run_study(make_spec(sweep={"num_iter": 2}), settings=settings_for(tmp_path))
+    result = run_study(
+        make_spec(sweep={"num_iter": 2}), settings=settings_for(tmp_path)
+    )
     assert result.gradient_noise is None
 
 
@@ -370,12 +399,18 @@ def test_resolve_device_cuda_unavailable() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_study_cuda_matches_loaders(tmp_path: Path) -> None:
-    result = run_study(make_spec(runtime={"compile": "channels_last"}), settings=settings_for(tmp_path), device="cuda")
+    result = run_study(
+        make_spec(runtime={"compile": "channels_last"}),
+        settings=settings_for(tmp_path),
+        device="cuda",
+    )
     assert result.device.startswith("cuda")
     assert all(run.stop_reason == "completed" for run in result.runs)
 
 
-def test_study_random_layers_seeded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_random_layers_seeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     original = SmallCNN.forward
 
     def forward_with_dropout(self: SmallCNN, inputs: torch.Tensor) -> torch.Tensor:
