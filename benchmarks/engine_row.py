@@ -20,7 +20,7 @@ from lrfinder.spec import JobSpec
 from lrfinder.study import StudyResult, run_study
 from workload import Measurement, Stopwatch, Workload, contender_main, peak_rss_mb
 
-# Name of the random-but-fixed state dict that stands in for pretrained weights.
+# A seeded random state dict, used as if it were pretrained weights.
 FIXED_WEIGHTS = "resnet18-fixed.pt"
 WEIGHTS_SEED = 1234
 
@@ -55,10 +55,10 @@ def write_fixed_weights(weights_root: Path) -> None:
 def first_step_excess(result: StudyResult) -> float:
     """Estimate compile time: first steps' excess over a typical step, seconds.
 
-    Every run compiles (or recompiles for its batch size) during its first
+    A run compiles (or recompiles for a new batch size) during its first
     step, so the excess of that step over the run's median step time is
-    the compile cost; this is an estimate, since the first eager step of a
-    run is also a little slower than the others.
+    taken as the compile cost. It is an estimate, because the first eager
+    step of a run is also a little slower than the others.
     """
     excess = 0.0
     for run in result.runs:

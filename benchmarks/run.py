@@ -248,19 +248,42 @@ def settle_defaults(arguments: argparse.Namespace) -> argparse.Namespace:
     return arguments
 
 
-def main() -> None:
+def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
-    # The worker's hooks log every run; the progress row drives them 5 times.
+    # The worker's hooks log every run start and end, and httpx every request.
     logging.getLogger("worker").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    arguments = settle_defaults(parse_arguments())
+
+
+def set_omp_wait_policy(policy: str) -> None:
     # Every contender, worker and server inherits this environment. With
     # OpenMP's default spin-waiting, two torch threads on two busy cores
     # lose most of their time at barriers, so each step's time depends on
     # what else runs rather than on the contender.
-    if arguments.omp_wait_policy != "unset":
-        os.environ["OMP_WAIT_POLICY"] = arguments.omp_wait_policy
+    if policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
+def write_report(benchmark: Benchmark, arguments: argparse.Namespace,
+                 started: float) -> None:
+    results = benchmark.results
+    results.update(workload=dataclasses.asdict(benchmark.workload),
+                   command=" ".join(sys.argv), quick=arguments.quick,
+                   repeats=arguments.repeats,
+                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+                   started=started, minutes=(time.time() - started) / 60,
+                   load_average_after=list(os.getloadavg()))
+    (arguments.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = report.render(results)
+    (arguments.out / "benchmarks.md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    configure_logging()
+    arguments = settle_defaults(parse_arguments())
+    set_omp_wait_policy(arguments.omp_wait_policy)
     data = arguments.data.resolve()
     workload = quick_workload(data) if arguments.quick else full_workload(data)
     benchmark = Benchmark(workload, arguments)
@@ -269,16 +292,7 @@ def main() -> None:
     for repeat in range(arguments.repeats):
         benchmark.run_main_rows(repeat)
     benchmark.run_extras()
-    results = benchmark.results
-    results.update(workload=dataclasses.asdict(workload), command=" ".join(sys.argv),
-                   quick=arguments.quick, repeats=arguments.repeats,
-                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
-                   started=started, minutes=(time.time() - started) / 60,
-                   load_average_after=list(os.getloadavg()))
-    (arguments.out / "results.json").write_text(json.dumps(results, indent=1))
-    text = report.render(results)
-    (arguments.out / "benchmarks.md").write_text(text)
-    print(text)
+    write_report(benchmark, arguments, started)
 
 
 if __name__ == "__main__":
