@@ -286,15 +286,25 @@ class _Study:
 
     def _measure_noise(self) -> dict[str, Any]:
         seed = self.spec.repeat_seed(0)
-        with _seeded(seed, self.device):
-            return measure_gradient_noise(
-                self.initial_model(0),
-                self.data,
-                self.spec.batch_sizes,
-                seed=seed,
-                device=self.device,
-                criterion=self.criterion,
+        try:
+            with _seeded(seed, self.device):
+                return measure_gradient_noise(
+                    self.initial_model(0),
+                    self.data,
+                    self.spec.batch_sizes,
+                    seed=seed,
+                    device=self.device,
+                    criterion=self.criterion,
+                )
+        except torch.OutOfMemoryError as error:
+            # The measurement is an extra; the sweeps can still run, each
+            # reporting its own out-of-memory failure if it has one.
+            logger.warning("gradient noise not measured: out of memory (%s)", error)
+            _release_cuda_cache(self.device)
+            message = (
+                f"out of memory while measuring batch size {max(self.spec.batch_sizes)}"
             )
+            return {"batches": [], "large_batch": None, "error": message}
 
     # -- runs -------------------------------------------------------------------
 

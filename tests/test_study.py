@@ -424,3 +424,17 @@ def test_study_random_layers_seeded(
     second = run_study(make_spec(), settings=settings_for(tmp_path))
     assert curves(first) == curves(second)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_study_gradient_noise_out_of_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(study_module, "measure_gradient_noise", out_of_memory)
+    spec = make_spec(gradient_noise=True, sweep={"num_iter": 2})
+    result = run_study(spec, settings=settings_for(tmp_path))
+    assert result.gradient_noise["batches"] == []
+    assert "out of memory" in result.gradient_noise["error"]
+    assert [run.stop_reason for run in result.runs] == ["completed", "completed"]
