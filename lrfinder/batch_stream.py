@@ -40,8 +40,10 @@ class BatchStream:
         self.served = 0
 
     def next(self) -> tuple[Any, Any, int]:
-        """Return the next (inputs, targets, sample count), starting a new epoch
-        when the loader runs out."""
+        """Return the next batch as (inputs, targets, sample count).
+
+        When the loader runs out, a new epoch starts by iterating it again.
+        """
         if self.iterator is None:
             self.iterator = iter(self.loader)
         try:
@@ -65,6 +67,7 @@ class BatchStream:
 
 
 def reject_empty(loader: Iterable[Any], name: str) -> None:
+    """Raise ValueError for a loader whose length is 0; skip loaders without one."""
     try:
         length = len(loader)  # type: ignore[arg-type]
     except TypeError:
