@@ -730,3 +730,44 @@ def test_worker_sigterm_requeues_and_resumes(
     assert done.status == "succeeded", done.error
     assert store.count_points(job_id, "8-0") == done.runs[0].step
     assert [run.attempt for run in done.runs] == [2, 1]
+
+
+@pytest.mark.slow
+def test_worker_sigkill_resumes_on_other_worker(
+    store: Store,
+    redis_service: RedisServer,
+    data_root: Path,
+    tmp_path: Path,
+    show_logs_on_failure: list[Service],
+) -> None:
+    env = service_env(
+        redis_service.url,
+        data_root,
+        {"LRFINDER_HEARTBEAT_INTERVAL_S": "0.5", "LRFINDER_HEARTBEAT_TIMEOUT_S": "3"},
+    )
+    spec = LONG_SPEC.model_copy(
+        update={"sweep": LONG_SPEC.sweep.model_copy(update={"num_iter": 200})}
+    )
+    doomed = start_worker(
+        redis_service.url, env, name="doomed", queue="sigkill", log_dir=tmp_path
+    )
+    show_logs_on_failure.append(doomed)
+    try:
+        job_id = submit(store, redis_service.url, spec, queue="sigkill")
+        wait_for_points(store, job_id, "4-0", 5, doomed)
+        first_curve = store.get_points(job_id, "8-0")
+        doomed.kill()
+    finally:
+        doomed.stop()
+
+    with worker_process(
+        redis_service.url, env, name="survivor", queue="sigkill", log_dir=tmp_path
+    ) as survivor:
+        show_logs_on_failure.append(survivor)
+        done = wait_for_job(store, job_id, is_final, services=(survivor,))
+
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 2
+    assert store.get_points(job_id, "8-0") == first_curve
+    assert [run.attempt for run in done.runs] == [1, 2]
+    assert store.count_points(job_id, "4-0") == done.runs[1].step

@@ -1,6 +1,7 @@
 """The worker's presence key and its periodic check for lost jobs.
 
-A thread refreshes ``worker:{name}`` every ``PRESENCE_INTERVAL_S`` so that
+A thread refreshes ``worker:{name}`` every ``PRESENCE_INTERVAL_S`` (or every
+``heartbeat_interval_s`` when that is shorter) so that
 ``/readyz`` finds a live worker, and on each tick looks for running jobs
 whose execution went silent (see ``worker.reaper``).
 """
@@ -91,7 +92,9 @@ def start(name: str, send_job: Callable[[str], None]) -> None:
     def tick() -> None:
         reap_lost_jobs(get_store(), settings, send_job)
 
-    _thread = WorkerPresence(name, info, tick)
+    # A lost job is noticed within heartbeat_timeout_s plus one tick.
+    interval_s = min(PRESENCE_INTERVAL_S, settings.heartbeat_interval_s)
+    _thread = WorkerPresence(name, info, tick, interval_s)
     _thread.start()
     logger.info("worker %s ready on %s, queue %s", name, info["device"], settings.queue)
 
