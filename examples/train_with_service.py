@@ -44,7 +44,7 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def study_spec(arguments: argparse.Namespace) -> JobSpec:
-    """A one-batch-size study: the batch size this script trains with."""
+    """Build a study of the one batch size this script trains with."""
     return JobSpec.model_validate(
         {
             "model": {"name": arguments.model},

@@ -44,7 +44,7 @@ PLOT_FORMATS = ("png", "svg")
 
 # Consecutive event-stream connections that may fail before wait() polls instead.
 MAX_STREAM_FAILURES = 3
-# Longest silence on the event stream before wait() reconnects, seconds.
+# Maximum silence on the event stream before wait() reconnects, seconds.
 STREAM_READ_TIMEOUT_S = 30.0
 
 PlotKind = Literal["loss-vs-lr", "lr-schedule", "batch-size-scaling"]
@@ -558,7 +558,7 @@ def raise_unless_server_error(
     """Raise the ClientError of a 4xx stream response; 5xx ones count as failures."""
     if response.status_code < 500:
         check(response)
-    raise SSEError(f"event stream answered HTTP {response.status_code}")
+    raise SSEError(f"event stream responded HTTP {response.status_code}")
 
 
 class AsyncClient(BaseClient):

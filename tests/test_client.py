@@ -295,7 +295,7 @@ def test_client_wait_resumes_dropped_stream() -> None:
 
 
 class BrokenStreamServer:
-    """Answers 503 on the event stream; the job finishes after a few polls."""
+    """Responds 503 on the event stream; the job finishes after a few polls."""
 
     def __init__(self) -> None:
         self.stream_requests = 0

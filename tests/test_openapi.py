@@ -39,7 +39,7 @@ def test_openapi_file_matches_app() -> None:
 
 
 def test_openapi_file_matches_running_api(tmp_path: Path) -> None:
-    # The schema needs no Redis, so the API runs against a port nobody serves.
+    # The schema needs no Redis, so the API gets the address of a closed port.
     unused_redis = f"redis://127.0.0.1:{free_port()}/0"
     with api_process(unused_redis, log_dir=tmp_path) as api:
         served = httpx.get(f"{api.base_url}/openapi.json", timeout=10.0).json()
@@ -72,7 +72,7 @@ BODIES: dict[str, Any] = {
 
 
 class RecordingServer:
-    """Answers each endpoint the client calls with a plausible body and records it.
+    """Records each request and responds with a plausible body for its endpoint.
 
     Job abc123 is running until its event stream has been read, then succeeded.
     """

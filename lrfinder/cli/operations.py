@@ -185,7 +185,7 @@ def keys_revoke(
         str, typer.Argument(help="Key id, or a name to revoke all of its keys.")
     ],
 ) -> None:
-    """Revoke API keys by id or by name; their requests answer 401 from then on."""
+    """Revoke API keys by id or by name; requests with them get 401 from then on."""
     from lrfinder.keys import revoke_key
 
     with key_store() as store:
