@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from lrfinder.jobs import Job
@@ -32,6 +33,7 @@ from lrfinder.store import Store
 REPOSITORY = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 80
+PORT_ATTEMPTS = 5
 
 
 def free_port() -> int:
@@ -142,34 +144,64 @@ class RedisServer(Service):
     def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.port = free_port()
         self.directory = directory
-        args = [
+        self.appendonly = appendonly
+        super().__init__(
+            f"redis-{self.port}", self._arguments(), dict(os.environ), directory
+        )
+
+    def _arguments(self) -> list[str]:
+        return [
             "redis-server",
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
-            "--appendonly", "yes" if appendonly else "no",
-            "--dir", str(directory),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--dir", str(self.directory),
         ]  # fmt: skip
-        super().__init__(f"redis-{self.port}", args, dict(os.environ), directory)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        super().start()
-        wait_until(self._replies_to_ping, timeout_s=20.0, message=f"{self.name} PING")
+        """Start the server, on a new port if another process took this one.
 
-    def _replies_to_ping(self) -> bool:
-        self.check_alive()
+        A free port found by ``free_port`` may be taken by another process
+        before redis-server binds it, so the server must also prove that it
+        is this process (``INFO server`` names its process id).
+        """
+        for _ in range(PORT_ATTEMPTS - 1):
+            try:
+                self._start_once()
+                return
+            except PortTakenError:
+                self.port = free_port()
+                self.args = self._arguments()
+        self._start_once()
+
+    def _start_once(self) -> None:
+        super().start()
+        wait_until(self._is_running_here, timeout_s=20.0, message=f"{self.name} INFO")
+
+    def _is_running_here(self) -> bool:
+        if not self.alive():
+            if "Address already in use" in self.log_text():
+                raise PortTakenError(self.port)
+            self.check_alive()
         try:
             with socket.create_connection(
                 ("127.0.0.1", self.port), timeout=1.0
             ) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
+                conn.sendall(b"INFO server\r\n")
+                reply = conn.recv(65536).decode(errors="replace")
         except OSError:
             return False
+        assert self.process is not None
+        return f"process_id:{self.process.pid}\r\n" in reply
+
+
+class PortTakenError(Exception):
+    """Another process listens on the port a server was meant to use."""
 
 
 def service_env(
@@ -294,28 +326,60 @@ class ApiServer(Service):
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.port = free_port()
-        args = [
+        super().__init__(f"api-{self.port}", self._arguments(), env, log_dir)
+
+    def _arguments(self) -> list[str]:
+        return [
             sys.executable, "-m", "uvicorn", "api.main:app",
             "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
-        super().__init__(f"api-{self.port}", args, env, log_dir)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start uvicorn, on a new port if another process took this one."""
+        for _ in range(PORT_ATTEMPTS - 1):
+            try:
+                self._start_once()
+                return
+            except PortTakenError:
+                self.port = free_port()
+                self.args = self._arguments()
+        self._start_once()
+
+    def _start_once(self) -> None:
         super().start()
         wait_until(
             self._healthy, timeout_s=STARTUP_TIMEOUT_S, message=f"{self.name} /healthz"
         )
 
     def _healthy(self) -> bool:
+        if not self.alive() and "address already in use" in self.log_text().lower():
+            raise PortTakenError(self.port)
         self.check_alive()
+        # Only ask once this process listens, so that another server that
+        # took the port first is never mistaken for this one.
+        if not _listens_on(self.process, self.port):
+            return False
         try:
             return httpx.get(f"{self.base_url}/healthz", timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _listens_on(process: subprocess.Popen[bytes] | None, port: int) -> bool:
+    if process is None:
+        return False
+    try:
+        connections = psutil.Process(process.pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(
+        conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+        for conn in connections
+    )
 
 
 @contextlib.contextmanager
