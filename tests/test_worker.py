@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 
 from lrfinder.jobs import Point
 from lrfinder.settings import Settings
@@ -369,6 +370,15 @@ def test_execution_unexpected_error_records_type(store: Store) -> None:
     failed = store.get_job(job.id)
     assert (failed.status, failed.reason) == ("failed", "error")
     assert failed.error == "RuntimeError: boom"
+
+
+def test_execution_redis_error_leaves_job_running(store: Store) -> None:
+    job = store.create_job(SPEC)
+    study = FakeStudy(error=redis.ConnectionError("connection refused"))
+    with pytest.raises(redis.ConnectionError):
+        execute(store, job.id, study)
+    assert store.get_status(job.id) == "running"
+    assert store.lock_holder(job.id) is None
 
 
 def test_execution_cancel_mid_run_keeps_points(store: Store) -> None:

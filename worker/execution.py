@@ -45,7 +45,11 @@ def resolve_device(setting: str) -> str:
 
 
 def time_limit_s(job: Job, settings: Settings) -> float:
-    """Return the job's wall-clock budget, capped by the server's maximum."""
+    """Return the job's wall-clock budget, capped by the server's maximum.
+
+    NOTE: the budget counts from the start of each execution, so a job
+    re-queued after a lost worker or a shutdown gets its full budget again.
+    """
     requested = job.spec.time_limit_s or settings.default_time_limit_s
     return min(requested, settings.max_time_limit_s)
 
@@ -213,6 +217,11 @@ class JobExecution:
             )
         except self.study_error as error:
             return self._fail(getattr(error, "code", "error"), _study_message(error))
+        except redis.RedisError as error:
+            # Recording the failure needs Redis too, so the job stays running
+            # and the reaper re-queues it once its heartbeat expires.
+            logger.error("job %s: Redis failed mid-run: %s", self.job_id, error)
+            raise
         except Exception as error:  # any failure must end the job
             logger.exception(
                 "job %s: failed with %s", self.job_id, type(error).__name__
