@@ -196,7 +196,10 @@ def curves(
     ] = "json",
     method: Annotated[
         str | None,
-        typer.Option(help="Suggestion method, e.g. valley or steep. Default: all."),
+        typer.Option(
+            help="Suggestion method: valley, steep, minimum, slide, "
+            "steepest_gradient, range, or all. Default: valley."
+        ),
     ] = None,
     output_path: Annotated[
         Path | None,
@@ -239,7 +242,8 @@ def plot(
         bool, typer.Option("--smoothed/--raw", help="Draw the smoothed or raw loss.")
     ] = True,
     method: Annotated[
-        str | None, typer.Option(help="Suggestion method to mark, e.g. valley.")
+        str | None,
+        typer.Option(help="Suggestion method to mark, or none. Default: valley."),
     ] = None,
     width: Annotated[int | None, typer.Option(help="Image width, pixels.")] = None,
     height: Annotated[int | None, typer.Option(help="Image height, pixels.")] = None,

@@ -43,6 +43,16 @@ JsonOption = Annotated[
 JobIdArgument = Annotated[str, typer.Argument(help="Job id, as `submit` prints it.")]
 
 
+def default_of(path: str) -> str:
+    """Describe the JobSpec default of a dotted field, such as "sweep.start_lr"."""
+    model: Any = JobSpec
+    *parents, name = path.split(".")
+    for parent in parents:
+        model = model.model_fields[parent].annotation
+    default = model.model_fields[name].get_default(call_default_factory=True)
+    return " (default: none)." if default is None else f" (default: {default})."
+
+
 SPEC_PANEL = "Job spec (each option overrides the --spec file)"
 
 
@@ -62,7 +72,7 @@ ModelOption = Annotated[
     str | None,
     typer.Option(
         help="Model name: small_cnn or a torchvision classifier such as resnet18 "
-        "(`lrfinder models` lists them). Sets model.name.",
+        "(`lrfinder models` lists them). Sets model.name" + default_of("model.name"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -72,7 +82,8 @@ WeightsOption = Annotated[
     str | None,
     typer.Option(
         help="Pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a "
-        ".pt/.pth/.safetensors file under the weights root. Sets model.weights.",
+        ".pt/.pth/.safetensors file under the weights root. Sets model.weights"
+        + default_of("model.weights"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -82,7 +93,8 @@ FreezeOption = Annotated[
     bool | None,
     typer.Option(
         "--freeze/--no-freeze",
-        help="Train only the new classifier head. Sets model.freeze.",
+        help="Train only the new classifier head. Sets model.freeze"
+        + default_of("model.freeze"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -101,7 +113,8 @@ DatasetOption = Annotated[
 ImageSizeOption = Annotated[
     int | None,
     typer.Option(
-        help="Side of the square input images, pixels. Sets dataset.image_size.",
+        help="Side of the square input images, pixels. Sets dataset.image_size"
+        + default_of("dataset.image_size"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -130,7 +143,8 @@ BatchSizesOption = Annotated[
 OptimizerOption = Annotated[
     str | None,
     typer.Option(
-        help="Optimizer: sgd, adam, adamw or rmsprop. Sets optimizer.name.",
+        help="Optimizer: sgd, adam, adamw or rmsprop. Sets optimizer.name"
+        + default_of("optimizer.name"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -139,7 +153,8 @@ OptimizerOption = Annotated[
 MomentumOption = Annotated[
     float | None,
     typer.Option(
-        help="SGD and RMSprop momentum, in [0, 1). Sets optimizer.momentum.",
+        help="SGD and RMSprop momentum, in [0, 1). Sets optimizer.momentum"
+        + default_of("optimizer.momentum"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -148,7 +163,8 @@ MomentumOption = Annotated[
 WeightDecayOption = Annotated[
     float | None,
     typer.Option(
-        help="Weight decay, in [0, 1]. Sets optimizer.weight_decay.",
+        help="Weight decay, in [0, 1]. Sets optimizer.weight_decay"
+        + default_of("optimizer.weight_decay"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -157,7 +173,8 @@ WeightDecayOption = Annotated[
 StartLrOption = Annotated[
     float | None,
     typer.Option(
-        help="First learning rate of the sweep. Sets sweep.start_lr.",
+        help="First learning rate of the sweep. Sets sweep.start_lr"
+        + default_of("sweep.start_lr"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -166,7 +183,8 @@ StartLrOption = Annotated[
 EndLrOption = Annotated[
     float | None,
     typer.Option(
-        help="Last learning rate of the sweep. Sets sweep.end_lr.",
+        help="Last learning rate of the sweep. Sets sweep.end_lr"
+        + default_of("sweep.end_lr"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -175,7 +193,8 @@ EndLrOption = Annotated[
 NumIterOption = Annotated[
     int | None,
     typer.Option(
-        help="Optimizer steps of each sweep. Sets sweep.num_iter.",
+        help="Optimizer steps of each sweep. Sets sweep.num_iter"
+        + default_of("sweep.num_iter"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -184,7 +203,8 @@ NumIterOption = Annotated[
 ModeOption = Annotated[
     str | None,
     typer.Option(
-        help="Learning-rate schedule: exponential or linear. Sets sweep.mode.",
+        help="Learning-rate schedule: exponential or linear. Sets sweep.mode"
+        + default_of("sweep.mode"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -193,7 +213,8 @@ ModeOption = Annotated[
 AccumulationOption = Annotated[
     int | None,
     typer.Option(
-        help="Micro-batches per optimizer step. Sets sweep.accumulation_steps.",
+        help="Micro-batches per optimizer step. Sets sweep.accumulation_steps"
+        + default_of("sweep.accumulation_steps"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -202,7 +223,8 @@ AccumulationOption = Annotated[
 RepeatsOption = Annotated[
     int | None,
     typer.Option(
-        help="Seeds per batch size, for noise bands. Sets repeats.",
+        help="Seeds per batch size, for noise bands. Sets repeats"
+        + default_of("repeats"),
         rich_help_panel=SPEC_PANEL,
     ),
 ]
@@ -210,7 +232,9 @@ RepeatsOption = Annotated[
 
 SeedOption = Annotated[
     int | None,
-    typer.Option(help="Random seed. Sets seed.", rich_help_panel=SPEC_PANEL),
+    typer.Option(
+        help="Random seed. Sets seed" + default_of("seed"), rich_help_panel=SPEC_PANEL
+    ),
 ]
 
 
@@ -225,7 +249,8 @@ LabelOption = Annotated[
 TimeLimitOption = Annotated[
     float | None,
     typer.Option(
-        help="Wall-clock budget of the whole study, seconds. Sets time_limit_s.",
+        help="Wall-clock budget of the whole study, seconds. Sets time_limit_s "
+        "(default: the server's limit).",
         rich_help_panel=SPEC_PANEL,
     ),
 ]
