@@ -101,6 +101,7 @@ def measure_steps(workload: Workload, images: torch.Tensor, labels: torch.Tensor
         seconds=total.seconds,
         sample_steps=workload.sample_steps,
         peak_rss_mb=peak_rss_mb(),
+        cpu_seconds=total.cpu_seconds,
         details={"seconds_by_batch_size": seconds_by_batch_size,
                  "torch_threads": torch.get_num_threads()},
     )

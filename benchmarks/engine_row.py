@@ -18,7 +18,14 @@ import torchvision
 from lrfinder.settings import Settings
 from lrfinder.spec import JobSpec
 from lrfinder.study import StudyResult, run_study
-from workload import Measurement, Stopwatch, Workload, contender_main, peak_rss_mb
+from workload import (
+    Measurement,
+    Stopwatch,
+    Workload,
+    children_cpu_seconds,
+    contender_main,
+    peak_rss_mb,
+)
 
 # A seeded random state dict, used as if it were pretrained weights.
 FIXED_WEIGHTS = "resnet18-fixed.pt"
@@ -100,6 +107,7 @@ def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
         seconds=total.seconds,
         sample_steps=workload.sample_steps,
         peak_rss_mb=peak_rss_mb(),
+        cpu_seconds=total.cpu_seconds + children_cpu_seconds(),
         details=describe(result, workload),
     )
 

@@ -14,6 +14,7 @@ read-only. The timed part runs from building the loaders to the end of
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ from fastai.vision.all import (
 from workload import (
     Measurement,
     Stopwatch,
+    children_cpu_seconds,
     Workload,
     children_peak_rss_mb,
     contender_main,
@@ -81,10 +83,14 @@ def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
         for batch_size in workload.batch_sizes:
             with total:
                 steps[batch_size] = lr_find(workload, batch_size, Path(output))
+    # Collecting the loaders joins their worker processes, so that their
+    # CPU time is counted.
+    gc.collect()
     return Measurement(
         seconds=total.seconds,
         sample_steps=workload.sample_steps,
         peak_rss_mb=peak_rss_mb(),
+        cpu_seconds=total.cpu_seconds + children_cpu_seconds(),
         children_peak_rss_mb=children_peak_rss_mb(),
         details={"steps_by_batch_size": steps, "loader_workers": LOADER_WORKERS,
                  "valid_pct": VALID_PCT, "fastai": fastai.__version__,

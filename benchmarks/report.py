@@ -31,15 +31,17 @@ def row_medians(results: dict) -> dict[str, dict[str, float]]:
             "images_per_second": measurements[0]["sample_steps"] / seconds,
             "peak_rss_mb": median_of(measurements, "peak_rss_mb"),
             "children_peak_rss_mb": median_of(measurements, "children_peak_rss_mb"),
+            "cpu_seconds": median_of(measurements, "cpu_seconds"),
             "all_seconds": [m["seconds"] for m in measurements],
         }
     return medians
 
 
-def ratio(medians: dict, row: str, reference: str) -> float | None:
+def ratio(medians: dict, row: str, reference: str,
+          field: str = "seconds") -> float | None:
     if row not in medians or reference not in medians:
         return None
-    return medians[row]["seconds"] / medians[reference]["seconds"]
+    return medians[row][field] / medians[reference][field]
 
 
 def number(value: float | None, digits: int = 2) -> str:
@@ -51,8 +53,9 @@ def number(value: float | None, digits: int = 2) -> str:
 def main_table(results: dict, medians: dict) -> list[str]:
     lines = [
         "| row | seconds (median) | images/s | peak RSS, MiB | largest loader "
-        "worker, MiB | ratio to (1) | every repeat, s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "worker, MiB | ratio to (1) | CPU seconds | CPU ratio to (1) "
+        "| every repeat, s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row, label in ROW_LABELS.items():
         if row not in medians:
@@ -64,6 +67,8 @@ def main_table(results: dict, medians: dict) -> list[str]:
             f"{figures['images_per_second']:.1f} | {figures['peak_rss_mb']:.0f} | "
             f"{f'{children:.0f}' if children else '-'} | "
             f"{number(ratio(medians, row, 'bare'))} | "
+            f"{figures['cpu_seconds']:.1f} | "
+            f"{number(ratio(medians, row, 'bare', 'cpu_seconds'))} | "
             + ", ".join(f"{s:.1f}" for s in figures["all_seconds"]) + " |")
     return lines
 

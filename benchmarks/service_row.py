@@ -42,6 +42,7 @@ def timed_job(stack: ServiceStack, spec: dict, workload: Workload,
         seconds=seconds,
         sample_steps=workload.sample_steps,
         peak_rss_mb=stack.worker_peak_rss_mb(),
+        cpu_seconds=job["benchmark_cpu_seconds"],
         details={"worker_seconds": job_seconds(job),
                  "feature_cache": [run.get("feature_cache") for run in job["runs"]]},
     )

@@ -10,6 +10,7 @@ restores the model, as the engine does), for every batch size.
 from __future__ import annotations
 
 import argparse
+import gc
 import contextlib
 import io
 
@@ -25,6 +26,7 @@ from workload import (
     IMAGENET_STD,
     Measurement,
     Stopwatch,
+    children_cpu_seconds,
     Workload,
     children_peak_rss_mb,
     contender_main,
@@ -75,10 +77,14 @@ def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
     for batch_size in workload.batch_sizes:
         with total:
             steps[batch_size] = len(range_test(workload, batch_size))
+    # Collecting the loaders joins their worker processes, so that their
+    # CPU time is counted.
+    gc.collect()
     return Measurement(
         seconds=total.seconds,
         sample_steps=workload.sample_steps,
         peak_rss_mb=peak_rss_mb(),
+        cpu_seconds=total.cpu_seconds + children_cpu_seconds(),
         children_peak_rss_mb=children_peak_rss_mb(),
         details={"steps_by_batch_size": steps, "loader_workers": LOADER_WORKERS,
                  "torch_threads": torch.get_num_threads()},

@@ -97,14 +97,18 @@ class Measurement:
     """What one contender reports for one repeat.
 
     ``seconds`` covers only the part a user waits for (see each contender's
-    docstring); ``details`` holds contender-specific figures such as the
-    seconds per batch size or the time spent decoding.
+    docstring). ``cpu_seconds`` is the CPU time (user and system, child
+    processes such as data-loader workers included) spent in that part,
+    which other work on a shared machine disturbs far less than the wall
+    time. ``details`` holds contender-specific figures such as the seconds
+    per batch size or the time spent decoding.
     """
 
     seconds: float
     sample_steps: int
     peak_rss_mb: float
     children_peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -129,18 +133,30 @@ def children_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
+def children_cpu_seconds() -> float:
+    """Return the CPU seconds of this process's finished, reaped children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Stopwatch:
-    """Sums the wall time of the ``with`` blocks it times, seconds."""
+    """Sums the wall and CPU time of the ``with`` blocks it times, seconds.
+
+    The CPU time is this process's, all threads included, without children.
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def __enter__(self) -> Stopwatch:
         self._started = time.perf_counter()
+        self._cpu_started = time.process_time()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.seconds += time.perf_counter() - self._started
+        self.cpu_seconds += time.process_time() - self._cpu_started
 
 
 def contender_main(measure: Callable[[Workload, argparse.Namespace], Measurement],
@@ -156,4 +172,5 @@ def contender_main(measure: Callable[[Workload, argparse.Namespace], Measurement
     arguments.output.write_text(json.dumps(measurement.to_dict(), indent=1))
     print(f"{Path(sys.argv[0]).stem}: {measurement.seconds:.1f} s, "
           f"{measurement.images_per_second:.1f} images/s, "
+          f"{measurement.cpu_seconds:.1f} CPU s, "
           f"peak RSS {measurement.peak_rss_mb:.0f} MiB", file=sys.stderr)
