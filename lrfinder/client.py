@@ -180,8 +180,10 @@ class ProgressTracker:
         if event.id:
             self.last_event_id = event.id
         data = decode_event_data(event.data)
-        if event.event in ("status", "end") and isinstance(data.get("status"), str):
-            self.status = data["status"]
+        status = data.get("status")
+        is_status = event.event in ("status", "end") and isinstance(status, str)
+        if is_status and stage(status) >= stage(self.status):
+            self.status = status
         # A "points" event is always followed by a "progress" event carrying
         # the run's step, so points need no handling here.
         if event.event in ("progress", "run"):
@@ -196,8 +198,15 @@ class ProgressTracker:
         if run is None:
             return
         changes = {key: data[key] for key in RunState.model_fields if key in data}
-        if run.status == "pending" and "status" not in changes:
-            changes["status"] = "running"
+        if not data.get("reset"):
+            # The first connection replays the stream from its start, so older
+            # events may follow a newer job record; keep what is newest.
+            changes["step"] = max(run.step, int(changes.get("step", run.step)))
+            status = str(changes.get("status", "running"))
+            if stage(status) < stage(run.status):
+                changes.pop("status", None)
+            else:
+                changes["status"] = status
         self.runs[name] = run.model_copy(update=changes)
 
     def snapshot(self) -> JobProgress:
@@ -212,6 +221,13 @@ class ProgressTracker:
         if current != self.reported:
             self.reported = current
             self.callback(current)
+
+
+def stage(status: str) -> int:
+    """Order job and run statuses: waiting, running, then final."""
+    if status in ("queued", "pending"):
+        return 0
+    return 1 if status == "running" else 2
 
 
 def decode_event_data(text: str) -> dict[str, Any]:

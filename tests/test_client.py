@@ -294,6 +294,37 @@ def test_client_wait_resumes_dropped_stream() -> None:
     assert snapshots[-1].status == "succeeded"
 
 
+class ReplayingServer:
+    """Replays old progress on the first stream, as the API does without Last-Event-ID."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/events"):
+            if self.finished:
+                return httpx.Response(200, json=job_body("succeeded", step=15))
+            return httpx.Response(200, json=job_body("running", step=10))
+        self.finished = True
+        body = "".join(
+            event(f"{step}-0", "progress", f'{{"run": "8-0", "step": {step}}}')
+            for step in (5, 10, 15)
+        )
+        body += event("16-0", "end", '{"status": "succeeded"}')
+        headers = {"content-type": "text/event-stream"}
+        return httpx.Response(200, text=body, headers=headers)
+
+
+def test_client_wait_ignores_replayed_progress() -> None:
+    snapshots: list[JobProgress] = []
+    transport = httpx.MockTransport(ReplayingServer())
+    with Client("http://testserver", transport=transport) as client:
+        client.wait("abc123", progress=snapshots.append, timeout=10)
+    steps = [snapshot.steps for snapshot in snapshots]
+    assert steps == sorted(steps)
+    assert steps[-1] == 15
+
+
 class BrokenStreamServer:
     """Responds 503 on the event stream; the job finishes after a few polls."""
 
@@ -333,9 +364,9 @@ def test_client_error_carries_server_fields() -> None:
         return httpx.Response(422, json=error_body)
 
     transport = httpx.MockTransport(reject)
-    with Client("http://testserver", transport=transport) as client:
-        with pytest.raises(ClientError) as caught:
-            client.submit({"batch_sizes": [8, 0]})
+    client = Client("http://testserver", transport=transport)
+    with client, pytest.raises(ClientError) as caught:
+        client.submit({"batch_sizes": [8, 0]})
     assert caught.value.fields[0].field == "batch_sizes[1]"
     assert "batch_sizes[1]: too small" in str(caught.value)
 
