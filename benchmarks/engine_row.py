@@ -105,7 +105,8 @@ def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
         result = run_study(spec, settings=settings, device=arguments.device)
     return Measurement(
         seconds=total.seconds,
-        sample_steps=workload.sample_steps,
+        # A run that meets a non-finite loss stops early: count what was done.
+        sample_steps=sum(run.key.batch_size * len(run.points) for run in result.runs),
         peak_rss_mb=peak_rss_mb(),
         cpu_seconds=total.cpu_seconds + children_cpu_seconds(),
         details=describe(result, workload),

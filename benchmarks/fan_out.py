@@ -66,7 +66,7 @@ def timed_study(workload: Workload, work: Path, workers: int,
                       workers=workers) as stack:
         warm_up_all(stack, photos.name, workers)
         seconds, job = stack.run_job(spec, timeout_s)
-        check_succeeded(job, workload)
+        check_succeeded(job)
         return seconds, losses_by_run(stack, job["id"])
 
 
