@@ -95,8 +95,12 @@ class Benchmark:
             logger.info("repeat %d: %s", repeat + 1, row)
             try:
                 self.run_main_row(row, repeat)
-            except (subprocess.CalledProcessError, RuntimeError) as error:
-                self.skip(row, f"failed: {error}; see {self.logs}")
+            # One failing contender must not lose the measurements of the
+            # others, whatever it raised.
+            except Exception as error:  # noqa: BLE001
+                self.skip(row, f"failed: {type(error).__name__}: {error}; "
+                          f"see {self.logs}")
+            self.save()
 
     def run_main_row(self, row: str, repeat: int) -> None:
         name = f"{row}-{repeat + 1}"
@@ -125,6 +129,11 @@ class Benchmark:
         self.record("fastai", self.contender("fastai_row.py", name,
                                              python=BENCH_PYTHON))
 
+    def save(self) -> None:
+        """Write the measurements so far, so that an interrupted run keeps them."""
+        (self.out / "results.partial.json").write_text(
+            json.dumps(self.results, indent=1))
+
     def skip(self, row: str, reason: str) -> None:
         logger.warning("%s skipped: %s", row, reason)
         self.results["skipped"][row] = reason
@@ -136,8 +145,10 @@ class Benchmark:
             logger.info("extra: %s", row)
             try:
                 getattr(self, f"extra_{row}")()
-            except (subprocess.CalledProcessError, RuntimeError) as error:
-                self.skip(row, f"failed: {error}; see {self.logs}")
+            except Exception as error:  # noqa: BLE001
+                self.skip(row, f"failed: {type(error).__name__}: {error}; "
+                          f"see {self.logs}")
+            self.save()
 
     def extra_frozen(self) -> None:
         frozen = {}
