@@ -54,9 +54,9 @@ def check_auth_settings(settings: Settings) -> None:
         )
     if settings.auth == "none" and not is_loopback(settings.api_host):
         raise ValueError(
-            f"LRFINDER_AUTH=none is allowed only on loopback, but LRFINDER_API_HOST="
-            f"{settings.api_host!r}; bind 127.0.0.1, or create API keys with "
-            "`lrfinder keys create --name NAME` and set LRFINDER_AUTH=keys"
+            "LRFINDER_AUTH=none is allowed only on loopback, but the API would "
+            f"listen on {settings.api_host!r}; bind 127.0.0.1, or create API keys "
+            "with `lrfinder keys create --name NAME` and set LRFINDER_AUTH=keys"
         )
 
 

@@ -9,6 +9,7 @@ from lrfinder.catalog import CatalogError, check_model, resolve_dataset, resolve
 from lrfinder.limits import check_limits
 from lrfinder.settings import Settings
 from lrfinder.spec import TORCHVISION_WEIGHTS_PATTERN, JobSpec
+from lrfinder.weights_scan import ACCEPTED_FORMATS, scan_weights_file
 
 
 def _field(field: str, value: Any, message: str) -> dict[str, Any]:
@@ -40,6 +41,12 @@ def _check_weights_file(spec: JobSpec, settings: Settings) -> list[dict[str, Any
         message = (
             f"model.weights {weights!r} is not a file in the server's weights "
             "folder; ask the administrator which weights files it holds"
+        )
+        return [_field("model.weights", weights, message)]
+    problem = scan_weights_file(path)
+    if problem is not None:
+        message = (
+            f"model.weights {weights!r} is rejected: {problem}; {ACCEPTED_FORMATS}"
         )
         return [_field("model.weights", weights, message)]
     return []

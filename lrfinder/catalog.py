@@ -235,6 +235,43 @@ def describe_image_folder(name: str, folder: Path) -> DatasetEntry | None:
     )
 
 
+def check_image_folder(name: str, folder: Path) -> DatasetEntry:
+    """Return the entry of an image folder; reject too few or empty classes.
+
+    Raises:
+        CatalogError: fewer than two visible class folders, or a class
+            folder without image files (by suffix; decoding comes later).
+    """
+    classes = class_folders(folder)
+    if len(classes) < 2:
+        raise CatalogError(
+            "dataset.name",
+            name,
+            f"dataset.name {name!r} has {len(classes)} class folder(s); an image "
+            "folder needs at least two visible sub-folders, one per class",
+        )
+    count = 0
+    for class_folder in classes:
+        files = image_files(class_folder)
+        count += len(files)
+        if not files:
+            raise CatalogError(
+                "dataset.name",
+                name,
+                f"dataset.name {name!r}: class folder {class_folder.name!r} "
+                "contains no image files (accepted suffixes: "
+                + ", ".join(sorted(IMAGE_SUFFIXES))
+                + ")",
+            )
+    return DatasetEntry(
+        name=name,
+        kind="image_folder",
+        classes=[path.name for path in classes],
+        images=count,
+        path=folder,
+    )
+
+
 def list_datasets(data_root: Path) -> list[DatasetEntry]:
     """List the datasets under ``data_root`` plus the generated ones."""
     entries: list[DatasetEntry] = []
@@ -294,9 +331,7 @@ def resolve_dataset(name: str, data_root: Path) -> DatasetEntry:
             )
     folder = resolve_inside(data_root, name, "dataset.name")
     if folder.is_dir():
-        entry = describe_image_folder(name, folder)
-        if entry is not None:
-            return entry
+        return check_image_folder(name, folder)
     valid = ", ".join(entry.name for entry in list_datasets(data_root))
     raise CatalogError(
         "dataset.name",

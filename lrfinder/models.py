@@ -27,14 +27,10 @@ from lrfinder.catalog import BUILTIN_MODELS, CatalogError, check_model, resolve_
 from lrfinder.errors import StudyError
 from lrfinder.settings import Settings
 from lrfinder.spec import TORCHVISION_WEIGHTS_PATTERN, ModelSpec
+from lrfinder.weights_scan import ACCEPTED_FORMATS
 
 if TYPE_CHECKING:
     from torchvision.models import WeightsEnum
-
-ACCEPTED_FORMATS = (
-    "accepted formats: a state dict saved with torch.save(model.state_dict()) "
-    "(.pt, .pth; loaded with weights_only=True) or a .safetensors file"
-)
 
 # Builder options for random initialization: the auxiliary classifiers of the
 # Inception networks would make the forward pass return several outputs.

@@ -41,9 +41,18 @@ def serve(
     import uvicorn
 
     settings = get_settings()
+    settings = settings.model_copy(update={"api_host": host or settings.api_host})
+    # The app checks its settings, so an open server on another address than
+    # loopback is rejected here, before uvicorn binds the address.
+    try:
+        from api.main import create_app
+
+        api = create_app(settings)
+    except ValueError as error:
+        raise CommandError(str(error), 2) from None
     uvicorn.run(
-        "api.main:app",
-        host=host or settings.api_host,
+        api,
+        host=settings.api_host,
         port=port or settings.api_port,
         log_level=log_level,
     )
