@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Literal
 
+from lrfinder.catalog import model_has_batchnorm
 from lrfinder.jobs import FINAL_RUN_STATUSES, Curve, Job, Point, RunState
 from lrfinder.spec import RunKey
 from lrfinder.store import Store
@@ -38,18 +39,6 @@ CSV_COLUMNS = (
     "smoothed_loss",
     "val_loss",
 )
-
-# Catalog models built without BatchNorm layers (torchvision 0.29.1):
-# VGG without "_bn", and the models below, which use LayerNorm or no norm.
-NO_BATCHNORM_PREFIXES = ("alexnet", "squeezenet", "vit_", "swin_", "convnext_")
-
-
-def model_has_batchnorm(name: str) -> bool:
-    """Tell whether the catalog model ``name`` contains BatchNorm layers."""
-    if name.startswith("vgg"):
-        return name.endswith("_bn")
-    return not name.startswith(NO_BATCHNORM_PREFIXES)
-
 
 def run_name(state: RunState) -> str:
     return RunKey(batch_size=state.batch_size, repeat=state.repeat).name

@@ -169,6 +169,19 @@ def check_model(name: str) -> None:
         )
 
 
+# Catalog models built without BatchNorm layers (checked against torchvision
+# 0.29.1): VGG without "_bn", and the families below, which use LayerNorm or
+# no normalization at all.
+NO_BATCHNORM_PREFIXES = ("alexnet", "squeezenet", "vit_", "swin_", "convnext_")
+
+
+def model_has_batchnorm(name: str) -> bool:
+    """Tell whether the catalog model ``name`` contains BatchNorm layers."""
+    if name.startswith("vgg"):
+        return name.endswith("_bn")
+    return not name.startswith(NO_BATCHNORM_PREFIXES)
+
+
 def is_hidden(name: str) -> bool:
     """Tell whether a file or folder name is hidden (starts with a dot)."""
     return name.startswith(".")

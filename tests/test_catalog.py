@@ -91,3 +91,23 @@ def test_settings_read_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> 
     settings = Settings()
     assert settings.redis_url == "redis://127.0.0.1:6390/1"
     assert settings.max_active_jobs == 7
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "vgg11", "vgg11_bn", "alexnet", "squeezenet1_0", "vit_b_32",
+     "swin_t", "convnext_tiny", "mobilenet_v3_small", "densenet121", "small_cnn"],
+)
+def test_model_has_batchnorm_matches_built_model(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    from lrfinder.models import build_model
+    from lrfinder.settings import Settings
+    from lrfinder.spec import ModelSpec
+
+    with torch.device("meta"):
+        model = build_model(ModelSpec(name=name), 2, Settings())
+    built = any(
+        isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        for module in model.modules()
+    )
+    assert catalog.model_has_batchnorm(name) == built

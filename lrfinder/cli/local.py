@@ -160,15 +160,15 @@ def curve_of_run(run: RunResult, mode: str) -> dict[str, Any]:
 def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[Path]:
     """Write curves.json, analysis.json and the plots; return the paths written."""
     from lrfinder.analysis import analyze_study
+    from lrfinder.catalog import model_has_batchnorm
 
     curves = [curve_of_run(run, spec.sweep.mode) for run in result.runs]
-    # NOTE: model_has_batchnorm stays False here, so the analysis omits its
-    # small-batch BatchNorm warning; the API decides it from the model name.
     analysis = {}
     if curves:
         analysis = analyze_study(
             curves,
             mode=spec.sweep.mode,
+            model_has_batchnorm=model_has_batchnorm(spec.model.name),
             gradient_noise=noise_by_batch_size(result.gradient_noise),
         )
     document = {
