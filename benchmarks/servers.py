@@ -219,7 +219,7 @@ class ServiceStack:
     def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
         """Follow the job's event stream until it ends and return the job.
 
-        The stream tells the end as soon as it happens without the API
+        The stream reports the end as soon as it happens, without the API
         work of frequent polling, which would compete with the sweep for
         the CPU. Polling takes over if the stream fails.
         """

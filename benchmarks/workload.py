@@ -81,12 +81,12 @@ class Workload:
 
 
 def full_workload(photos: Path) -> Workload:
-    """The study the published figures come from: 500 steps at 64 px."""
+    """Return the study of the published figures: 500 steps at 64 px."""
     return Workload(photos=str(photos))
 
 
 def quick_workload(photos: Path) -> Workload:
-    """A development-sized study: 60 steps at 32 px."""
+    """Return a development-sized study: 60 steps at 32 px."""
     return Workload(
         photos=str(photos), image_size=32, batch_sizes=(16, 8, 4), num_iter=20
     )
@@ -100,7 +100,7 @@ class Measurement:
     docstring). ``cpu_seconds`` is the CPU time (user and system, child
     processes such as data-loader workers included) spent in that part,
     which other work on a shared machine disturbs far less than the wall
-    time. ``details`` holds contender-specific figures such as the seconds
+    time. ``details`` contains contender-specific figures such as the seconds
     per batch size or the time spent decoding.
     """
 
