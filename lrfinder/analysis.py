@@ -310,10 +310,10 @@ def study_warnings(
     if model_has_batchnorm and batch_sizes and batch_sizes[0] <= BATCHNORM_SMALL_BATCH:
         small = [b for b in batch_sizes if b <= BATCHNORM_SMALL_BATCH]
         warnings.append(
-            "the model has BatchNorm layers and batch sizes "
-            f"{', '.join(map(str, small))} are {BATCHNORM_SMALL_BATCH} or below, "
-            "where batch statistics are noisy; each fit is also reported "
-            f"without batch size {batch_sizes[0]} (without_smallest)"
+            "the model has BatchNorm layers, whose batch statistics are noisy "
+            f"at batch sizes of {BATCHNORM_SMALL_BATCH} or below (here "
+            f"{', '.join(map(str, small))}); each fit is also reported without "
+            f"batch size {batch_sizes[0]} (without_smallest)"
         )
     if repeats == 1:
         warnings.append(
