@@ -31,16 +31,18 @@ class Settings(BaseSettings):
         False, description="Let torchvision download missing pretrained weights."
     )
     queue: str = Field("lrfinder", description="Celery queue the workers consume.")
-    result_ttl_days: float = Field(30.0, gt=0, description="Lifetime of job records.")
+    result_ttl_days: float = Field(30.0, gt=0, description="Lifetime of job records and curves, days.")
     default_time_limit_s: float = Field(
-        6 * 3600.0, gt=0, description="Wall-clock budget of a job without its own."
+        6 * 3600.0, gt=0, description="Wall-clock budget of a job without its own, seconds."
     )
     max_time_limit_s: float = Field(
         24 * 3600.0, gt=0, description="Largest budget a job may ask for, seconds."
     )
-    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a running job refreshes its heartbeat, seconds."
+    )
     heartbeat_timeout_s: float = Field(
-        60.0, gt=0, description="A running job whose worker is silent this long is lost."
+        60.0, gt=0, description="A running job whose worker is silent this long is lost, seconds."
     )
     max_attempts: int = Field(2, ge=1, description="Executions of a job before worker_lost.")
     decode_cache_mb: int = Field(
@@ -60,15 +62,15 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("127.0.0.1", description="Address `lrfinder serve` binds.")
     api_port: int = Field(8000, description="Port `lrfinder serve` binds.")
-    max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest request body.")
+    max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest request body, bytes.")
     max_active_jobs: int = Field(4, ge=1, description="Queued plus running jobs per key.")
-    submissions_per_minute: int = Field(30, ge=1, description="Per key.")
-    max_batch_sizes: int = Field(16, ge=1)
-    max_repeats: int = Field(8, ge=1)
-    max_num_iter: int = Field(2000, ge=2)
+    submissions_per_minute: int = Field(30, ge=1, description="Job submissions per key per minute.")
+    max_batch_sizes: int = Field(16, ge=1, description="Batch sizes per job.")
+    max_repeats: int = Field(8, ge=1, description="Seeds per batch size.")
+    max_num_iter: int = Field(2000, ge=2, description="Steps of one sweep.")
     max_total_steps: int = Field(20_000, ge=2, description="Steps summed over all runs.")
-    max_image_size: int = Field(512, ge=8)
-    max_batch_size: int = Field(1024, ge=1)
+    max_image_size: int = Field(512, ge=8, description="Image side, pixels.")
+    max_batch_size: int = Field(1024, ge=1, description="Largest batch size.")
 
 
 @lru_cache(maxsize=1)
