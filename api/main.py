@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.auth import check_auth_settings
+from api.background import start_reaper, stop_reaper
 from api.curves import SuggestionCache
 from api.errors import install_error_handlers
 from api.metrics import Metrics
@@ -39,7 +40,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.queue,
         settings.data_root,
     )
+    reaper = start_reaper(app)
     yield
+    await stop_reaper(reaper)
     app.state.store.close()
     app.state.queue.close()
     if getattr(app.state, "async_redis", None) is not None:

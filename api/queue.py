@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from lrfinder.delivery import RUN_JOB_TASK, visibility_timeout_s
 from lrfinder.settings import Settings
-
-RUN_JOB_TASK = "lrfinder.run_job"
 
 
 class JobQueue:
@@ -35,7 +34,7 @@ class JobQueue:
             },
             broker_connection_timeout=5.0,
             broker_transport_options={
-                "visibility_timeout": int(settings.max_time_limit_s) + 3600,
+                "visibility_timeout": visibility_timeout_s(settings),
             },
         )
 

@@ -23,8 +23,9 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
                             set with NX and PX settings.heartbeat_timeout_s
     jobs                    sorted set: job id scored by created_at
     jobs:owner:{owner}      sorted set: the same, per owner
-    jobs:running            sorted set: running job ids scored by started_at,
-                            scanned for jobs whose worker went silent
+    jobs:running            sorted set: running job ids scored by the start
+                            of their current execution, scanned for jobs
+                            whose worker went silent
     active:{owner}          set of the owner's queued and running job ids
     apikeys                 hash: sha256(key) hex -> key record JSON; written
                             and read by ``lrfinder.keys`` through
@@ -36,6 +37,8 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
 
 A job's ``attempts`` counts the executions that started and may count towards
 ``settings.max_attempts``; a graceful re-queue (SIGTERM) gives its attempt back.
+``started_at`` is the start of the first execution, so a job's wall-clock
+budget spans every execution.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from lrfinder.jobs import (
@@ -71,6 +74,13 @@ RATE_WINDOW_TTL_S = 120
 NO_OWNER = "-"
 
 EVENT_TYPES = ("status", "progress", "points", "run", "end")
+# Pauses between retries of a failed command double from the base up to the
+# cap, and each is between half and all of that value (equal jitter).
+RETRY_BACKOFF_BASE_S = 0.05
+RETRY_BACKOFF_CAP_S = 2.0
+# Each client logs a retried command at most once in this many seconds, with
+# the number of failures it did not log.
+RETRY_LOG_INTERVAL_S = 10.0
 # Job fields whose values are floats or ints when read back.
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
 
@@ -107,25 +117,58 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _log_retry(error: Exception) -> bool:
-    logger.warning(
-        "redis command failed (%s: %s); retrying", type(error).__name__, error
-    )
-    return True
+class _RetryLog:
+    """Logs failed Redis commands that are retried, at most once per interval."""
+
+    def __init__(self, interval_s: float = RETRY_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.last_logged = -interval_s
+        self.suppressed = 0
+
+    def __call__(self, error: Exception) -> bool:
+        now = time.monotonic()
+        if now - self.last_logged < self.interval_s:
+            self.suppressed += 1
+            return True
+        logger.warning(
+            "redis command failed (%s: %s); retrying with backoff "
+            "(%d more failures since the last message)",
+            type(error).__name__,
+            error,
+            self.suppressed,
+        )
+        self.last_logged = now
+        self.suppressed = 0
+        return True
 
 
-def connect(url: str, *, retries: int = 3, max_backoff_s: float = 2.0) -> redis.Redis:
+def retries_for(duration_s: float) -> int:
+    """Return how many retries of one command wait at least ``duration_s`` in all.
+
+    Counts the shortest pauses the backoff can draw, so a client made with
+    ``connect(url, retries=retries_for(60))`` keeps retrying a command for
+    between 60 and about 120 seconds.
+    """
+    retries = 0
+    waited = 0.0
+    while waited < duration_s:
+        retries += 1
+        waited += min(RETRY_BACKOFF_CAP_S, RETRY_BACKOFF_BASE_S * 2**retries) / 2
+    return retries
+
+
+def connect(url: str, *, retries: int = 3) -> redis.Redis:
     """Open a Redis client that retries failed connections with backoff.
 
     Args:
         url: Redis URL, for example ``redis://127.0.0.1:6379/0``.
-        retries: Retries of one command after a connection error or timeout.
-        max_backoff_s: Largest pause between two retries, seconds.
+        retries: Retries of one command after a connection error or timeout;
+            see ``retries_for`` to turn a duration into a count.
     """
     retry = Retry(
-        ExponentialWithJitterBackoff(cap=max_backoff_s, base=0.05),
+        EqualJitterBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S),
         retries,
-        is_retryable=_log_retry,
+        is_retryable=_RetryLog(),
     )
     return redis.Redis.from_url(
         url,
@@ -420,14 +463,27 @@ class Store:
         run_name: str,
         points: Sequence[Point],
         state: RunState,
+        *,
+        start: int | None = None,
     ) -> None:
         """Append a batch of points and the run's new state in one round trip.
 
         Emits a "points" event with the batch and a "progress" event with the
         run's step, so that a stream reader sees both in order.
+
+        Args:
+            start: Index of the batch's first point in the run's curve. The
+                curve is first cut to that length, so a batch written twice
+                (a retry after a reply lost to a dropped connection) is
+                stored once.
         """
         pipe = self.client.pipeline()
         points_key = self.points_key(job_id, run_name)
+        if points and start is not None:
+            if start == 0:
+                pipe.delete(points_key)
+            else:
+                pipe.ltrim(points_key, 0, start - 1)
         if points:
             pipe.rpush(points_key, *(point.model_dump_json() for point in points))
             pipe.expire(points_key, self.ttl_s)
@@ -540,39 +596,43 @@ class Store:
             if status in FINAL_JOB_STATUSES:
                 return status
             attempts = int(fields.get("attempts", "0"))
-            pipe.multi()
             if attempts >= max_attempts:
-                self._finish(
-                    pipe,
-                    job_id,
-                    fields,
-                    "failed",
-                    "worker_lost",
-                    _lost_message(attempts),
-                )
+                runs = pipe.hgetall(self.job_key(job_id, "runs"))
+                pipe.multi()
+                self._fail_lost(pipe, job_id, fields, runs)
                 return "failed"
-            self._start(pipe, job_id, worker, device, attempts + 1)
+            pipe.multi()
+            self._start(pipe, job_id, fields, worker, device)
             return "running"
 
         return self.client.transaction(
-            transition, self.job_key(job_id), value_from_callable=True
+            transition,
+            self.job_key(job_id),
+            self.job_key(job_id, "runs"),
+            value_from_callable=True,
         )
 
     def _start(
-        self, pipe: Any, job_id: str, worker: str, device: str, attempts: int
+        self,
+        pipe: Any,
+        job_id: str,
+        fields: dict[str, str],
+        worker: str,
+        device: str,
     ) -> None:
-        started_at = _now()
-        pipe.hset(
-            self.job_key(job_id),
-            mapping={
-                "status": "running",
-                "worker": worker,
-                "device": device,
-                "started_at": repr(started_at),
-                "attempts": str(attempts),
-            },
-        )
-        pipe.zadd(self.key("jobs", "running"), {job_id: started_at})
+        now = _now()
+        attempts = int(fields.get("attempts", "0")) + 1
+        values = {
+            "status": "running",
+            "worker": worker,
+            "device": device,
+            "attempts": str(attempts),
+        }
+        # The first start stays: the job's time budget counts from it.
+        if not fields.get("started_at"):
+            values["started_at"] = repr(now)
+        pipe.hset(self.job_key(job_id), mapping=values)
+        pipe.zadd(self.key("jobs", "running"), {job_id: now})
         pipe.expire(self.key("jobs", "running"), self.ttl_s)
         event = {
             "status": "running",
@@ -657,24 +717,110 @@ class Store:
             if not count_attempt:
                 attempts = max(attempts - 1, 0)
             pipe.multi()
-            pipe.hset(
-                self.job_key(job_id),
-                mapping={"status": "queued", "attempts": str(attempts)},
-            )
-            pipe.hdel(self.job_key(job_id), "worker", "device")
-            pipe.zrem(self.key("jobs", "running"), job_id)
-            event = {"status": "queued", "reason": reason, "attempts": attempts}
-            self._add_event(pipe, job_id, "status", event)
-            self._expire_job_keys(pipe, job_id, "events")
+            self._requeue(pipe, job_id, attempts, reason)
             return True
 
         return self.client.transaction(
             transition, self.job_key(job_id), value_from_callable=True
         )
 
+    def _requeue(self, pipe: Any, job_id: str, attempts: int, reason: str) -> None:
+        pipe.hset(
+            self.job_key(job_id),
+            mapping={"status": "queued", "attempts": str(attempts)},
+        )
+        pipe.hdel(self.job_key(job_id), "worker", "device")
+        pipe.zrem(self.key("jobs", "running"), job_id)
+        event = {"status": "queued", "reason": reason, "attempts": attempts}
+        self._add_event(pipe, job_id, "status", event)
+        self._expire_job_keys(pipe, job_id, "events")
+
     def running_job_ids(self) -> list[str]:
-        """Return the ids of jobs marked running, oldest start first."""
+        """Return the ids of jobs marked running, oldest first."""
         return self.client.zrange(self.key("jobs", "running"), 0, -1)
+
+    # Jobs whose execution went silent.
+
+    def is_lost(self, job_id: str) -> bool:
+        """Return True when a running job has neither a heartbeat nor a lock holder."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.job_key(job_id), "status")
+        pipe.exists(self.job_key(job_id, "heartbeat"), self.job_key(job_id, "lock"))
+        status, alive = pipe.execute()
+        return status == "running" and alive == 0
+
+    def recover_lost_job(self, job_id: str, *, max_attempts: int) -> str | None:
+        """End or re-queue a running job whose execution went silent.
+
+        The transaction watches the job's lock and heartbeat, so an
+        execution that takes the job meanwhile wins and nothing changes.
+
+        Returns:
+            "cancelled" when a cancellation was requested, "failed" (reason
+            ``worker_lost``) when the job's executions reached
+            ``max_attempts``, "requeued" otherwise, and None when the job is
+            not running or not lost. Succeeded runs and every stored point
+            stay; the caller sends the message of a re-queued job.
+        """
+
+        def transition(pipe: Any) -> str | None:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if fields.get("status") != "running":
+                return None
+            heartbeat = self.job_key(job_id, "heartbeat")
+            if pipe.exists(heartbeat, self.job_key(job_id, "lock")):
+                return None
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            cancel = pipe.exists(self.job_key(job_id, "cancel"))
+            attempts = int(fields.get("attempts", "0"))
+            pipe.multi()
+            if cancel:
+                self._close_runs(pipe, job_id, runs, "cancelled", "cancelled")
+                partial = _any_succeeded(runs)
+                self._finish(
+                    pipe, job_id, fields, "cancelled", "cancelled", None, partial
+                )
+                return "cancelled"
+            if attempts >= max_attempts:
+                self._fail_lost(pipe, job_id, fields, runs)
+                return "failed"
+            self._requeue(pipe, job_id, attempts, "worker_lost")
+            return "requeued"
+
+        watched = ("", ":runs", ":lock", ":heartbeat", ":cancel")
+        return self.client.transaction(
+            transition,
+            *(self.job_key(job_id) + suffix for suffix in watched),
+            value_from_callable=True,
+        )
+
+    def _fail_lost(
+        self, pipe: Any, job_id: str, fields: dict[str, str], runs: dict[str, str]
+    ) -> None:
+        message = _lost_message(int(fields.get("attempts", "0")))
+        self._close_runs(pipe, job_id, runs, "failed", "worker_lost", message)
+        partial = _any_succeeded(runs)
+        self._finish(pipe, job_id, fields, "failed", "worker_lost", message, partial)
+
+    def _close_runs(
+        self,
+        pipe: Any,
+        job_id: str,
+        runs: dict[str, str],
+        status: str,
+        stop_reason: str,
+        error: str | None = None,
+    ) -> None:
+        """Queue the final state of every pending or running run in ``runs``."""
+        for name, text in runs.items():
+            state = RunState.model_validate_json(text)
+            if state.status not in ("pending", "running"):
+                continue
+            state.status = status  # type: ignore[assignment]
+            state.stop_reason = stop_reason  # type: ignore[assignment]
+            state.error = error
+            pipe.hset(self.job_key(job_id, "runs"), name, state.model_dump_json())
+            self._add_event(pipe, job_id, "run", _run_event(name, state))
 
     # Cancellation.
 
@@ -698,23 +844,19 @@ class Store:
             pipe.set(self.job_key(job_id, "cancel"), "1", ex=self.ttl_s)
             if status == "running":
                 return status
-            self._cancel_pending_runs(pipe, job_id, runs)
-            self._finish(pipe, job_id, fields, "cancelled", "cancelled", None)
+            # A queued job may hold succeeded runs and partial curves from an
+            # interrupted execution; they stay, as after a cancel mid-run.
+            self._close_runs(pipe, job_id, runs, "cancelled", "cancelled")
+            partial = _any_succeeded(runs)
+            self._finish(pipe, job_id, fields, "cancelled", "cancelled", None, partial)
             return "cancelled"
 
         return self.client.transaction(
-            transition, self.job_key(job_id), value_from_callable=True
+            transition,
+            self.job_key(job_id),
+            self.job_key(job_id, "runs"),
+            value_from_callable=True,
         )
-
-    def _cancel_pending_runs(
-        self, pipe: Any, job_id: str, runs: dict[str, str]
-    ) -> None:
-        for name, text in runs.items():
-            state = RunState.model_validate_json(text)
-            if state.status in ("pending", "running"):
-                state.status = "cancelled"
-                state.stop_reason = "cancelled"
-                pipe.hset(self.job_key(job_id, "runs"), name, state.model_dump_json())
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return bool(self.client.exists(self.job_key(job_id, "cancel")))
@@ -800,6 +942,13 @@ def _order_runs(spec: JobSpec, states: list[RunState]) -> list[RunState]:
     return sorted(
         states,
         key=lambda state: order.get((state.batch_size, state.repeat), len(order)),
+    )
+
+
+def _any_succeeded(runs: dict[str, str]) -> bool:
+    return any(
+        RunState.model_validate_json(text).status == "succeeded"
+        for text in runs.values()
     )
 
 

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from lrfinder.jobs import Point
+from lrfinder.reaper import Reaper
 from lrfinder.settings import Settings
 from lrfinder.spec import JobSpec, RunKey
 from lrfinder.store import Store
@@ -43,7 +44,6 @@ from tests.stack import (  # noqa: F401
 )
 from worker.execution import JobExecution, JobHeartbeat
 from worker.hooks import FLUSH_POINTS, RedisHooks, StopConditions, run_status
-from worker.reaper import reap_lost_jobs
 
 STEPS = 5
 SPEC = JobSpec(
@@ -311,6 +311,74 @@ def test_hooks_leave_run_started_after_stop(store: Store) -> None:
     assert store.get_runs(job.id)["8-0"].attempt == 0
 
 
+def test_hooks_cancel_at_run_start_keeps_curve(store: Store) -> None:
+    job = store.create_job(SPEC)
+    key = RunKey(batch_size=8)
+    store.record_progress(job.id, "8-0", [make_point(0)], job.runs[1])
+    store.mark_running(job.id, worker="host:1", device="cpu", max_attempts=9)
+    store.request_cancel(job.id)
+    stop = stop_conditions(store, job.id, lambda: 0.0)
+    hooks = RedisHooks(store, job.id, {"8-0": job.runs[1]}, stop, clock=lambda: 0.0)
+    hooks.on_run_start(key)
+    assert hooks.should_stop() == "cancelled"
+    assert store.get_points(job.id, "8-0") == [make_point(0)]
+
+
+def test_hooks_write_nothing_after_lock_lost(store: Store) -> None:
+    job = store.create_job(SPEC)
+    key = RunKey(batch_size=16)
+    stop = stop_conditions(store, job.id, lambda: 0.0)
+    hooks = RedisHooks(store, job.id, {"16-0": job.runs[0]}, stop, clock=lambda: 0.0)
+    hooks.on_run_start(key)
+    stop.lock_lost.set()
+    points = [make_point(step) for step in range(FLUSH_POINTS + 1)]
+    for point in points:
+        hooks.on_point(key, point)
+    hooks.on_run_end(key, FakeRunResult(key, points, "interrupted"))
+    assert store.count_points(job.id, "16-0") == 0
+    assert store.get_runs(job.id)["16-0"].status == "running"
+
+
+def test_record_progress_twice_stores_points_once(store: Store) -> None:
+    job = store.create_job(SPEC)
+    state = job.runs[0]
+    first = [make_point(0), make_point(1)]
+    second = [make_point(2), make_point(3)]
+    store.record_progress(job.id, "16-0", first, state, start=0)
+    store.record_progress(job.id, "16-0", second, state, start=2)
+    store.record_progress(job.id, "16-0", second, state, start=2)
+    assert store.get_points(job.id, "16-0") == first + second
+
+
+def test_mark_running_spent_attempts_closes_runs(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=1)
+    assert (
+        store.mark_running(job.id, worker="new:1", device="cpu", max_attempts=1)
+        == "failed"
+    )
+    failed = store.get_job(job.id)
+    assert [run.status for run in failed.runs] == ["failed", "failed"]
+    assert [run.stop_reason for run in failed.runs] == ["worker_lost", "worker_lost"]
+
+
+def test_cancel_queued_job_keeps_finished_runs(store: Store) -> None:
+    job = store.create_job(SPEC)
+    shutdown = threading.Event()
+    execute(
+        store,
+        job.id,
+        FakeStudy(on_step=interrupt_at(shutdown, 8, 1)),
+        shutdown=shutdown,
+    )
+    assert store.request_cancel(job.id) == "cancelled"
+    cancelled = store.get_job(job.id)
+    assert cancelled.partial is True
+    assert [run.status for run in cancelled.runs] == ["succeeded", "cancelled"]
+    assert store.count_points(job.id, "16-0") == STEPS
+    assert store.count_points(job.id, "8-0") == 2
+
+
 # Job execution with the stand-in study.
 
 
@@ -491,6 +559,71 @@ def test_execution_time_limit_keeps_curve(store: Store) -> None:
     assert (done.runs[1].status, done.runs[1].stop_reason) == ("failed", "time_limit")
 
 
+def test_execution_budget_counts_from_first_start(store: Store) -> None:
+    spec = SPEC.model_copy(update={"time_limit_s": 10.0})
+    job = store.create_job(spec)
+    store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=9)
+    store.requeue_job(job.id, reason="interrupted", count_attempt=False)
+    first_start = store.get_job(job.id).started_at
+    study = FakeStudy()
+    execution = JobExecution(
+        job.id,
+        store=store,
+        settings=Settings(device="cpu", heartbeat_interval_s=30.0),
+        shutdown=threading.Event(),
+        requeue=lambda job_id: None,
+        run_study=study,
+        study_error=FakeStudyError,
+        wall_clock=lambda: first_start + 11.0,
+    )
+    assert execution.run() == "failed"
+    assert study.calls == []
+    done = store.get_job(job.id)
+    assert (done.status, done.reason) == ("failed", "time_limit")
+    assert done.started_at == first_start
+    assert [run.stop_reason for run in done.runs] == ["time_limit", "time_limit"]
+
+
+def test_execution_second_start_keeps_first_started_at(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=9)
+    first_start = store.get_job(job.id).started_at
+    store.requeue_job(job.id, reason="worker_lost", count_attempt=True)
+    execute(store, job.id, FakeStudy())
+    assert store.get_job(job.id).started_at == first_start
+
+
+def test_execution_cancel_of_abandoned_job_keeps_points(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.mark_running(job.id, worker="gone:1", device="cpu", max_attempts=9)
+    running = store.get_job(job.id).runs[0]
+    store.record_progress(job.id, "16-0", [make_point(0), make_point(1)], running)
+    assert store.request_cancel(job.id) == "running"
+    study = FakeStudy()
+    assert execute(store, job.id, study).outcome == "cancelled"
+    assert study.calls == []
+    cancelled = store.get_job(job.id)
+    assert (cancelled.status, cancelled.reason) == ("cancelled", "cancelled")
+    assert store.count_points(job.id, "16-0") == 2
+
+
+def test_execution_requeues_after_releasing_lock(store: Store) -> None:
+    job = store.create_job(SPEC)
+    shutdown = threading.Event()
+    holders: list[str | None] = []
+    execution = JobExecution(
+        job.id,
+        store=store,
+        settings=Settings(device="cpu", heartbeat_interval_s=30.0),
+        shutdown=shutdown,
+        requeue=lambda job_id: holders.append(store.lock_holder(job_id)),
+        run_study=FakeStudy(on_step=interrupt_at(shutdown, 16, 1)),
+        study_error=FakeStudyError,
+    )
+    assert execution.run() == "requeued"
+    assert holders == [None]
+
+
 def test_execution_events_end_with_final_status(store: Store) -> None:
     job = store.create_job(SPEC)
     execute(store, job.id, FakeStudy())
@@ -529,37 +662,134 @@ def lost_job(store: Store, attempts: int) -> str:
     return job.id
 
 
+REAPER_SETTINGS = Settings(max_attempts=2, heartbeat_interval_s=1.0)
+
+
+@dataclass
+class ReaperRun:
+    """A reaper on a hand-moved clock, with the messages it sent."""
+
+    reaper: Reaper
+    sent: list[str]
+    now: list[float]
+
+    def sweep_after_grace(self) -> dict[str, str]:
+        """Sweep twice: once to notice, once after the grace period."""
+        self.reaper.sweep()
+        self.now[0] += self.reaper.grace_s
+        return self.reaper.sweep()
+
+
+def make_reaper(store: Store, settings: Settings = REAPER_SETTINGS) -> ReaperRun:
+    sent: list[str] = []
+    now = [0.0]
+    reaper = Reaper(store, settings, sent.append, clock=lambda: now[0])
+    return ReaperRun(reaper, sent, now)
+
+
 def test_reaper_requeues_lost_job(store: Store) -> None:
     job_id = lost_job(store, attempts=0)
-    sent: list[str] = []
-    assert reap_lost_jobs(store, Settings(max_attempts=2), sent.append) == [job_id]
-    assert sent == [job_id]
+    run = make_reaper(store)
+    assert run.sweep_after_grace() == {job_id: "requeued"}
+    assert run.sent == [job_id]
     requeued = store.get_job(job_id)
     assert requeued.status == "queued"
     assert requeued.attempts == 1
 
 
+def test_reaper_waits_for_grace_period(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    run = make_reaper(store)
+    assert run.reaper.sweep() == {}
+    run.now[0] += run.reaper.grace_s / 2
+    assert run.reaper.sweep() == {}
+    assert run.sent == []
+    assert store.get_status(job_id) == "running"
+
+
+def test_reaper_forgets_job_that_beats_again(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    run = make_reaper(store)
+    run.reaper.sweep()
+    store.beat(job_id, "back:1")
+    run.reaper.sweep()
+    store.client.delete(store.job_key(job_id, "heartbeat"))
+    run.now[0] += run.reaper.grace_s
+    assert run.reaper.sweep() == {}
+    assert store.get_status(job_id) == "running"
+
+
 def test_reaper_fails_job_after_attempts(store: Store) -> None:
     job_id = lost_job(store, attempts=1)
-    sent: list[str] = []
-    reap_lost_jobs(store, Settings(max_attempts=2), sent.append)
-    assert sent == []
+    run = make_reaper(store)
+    assert run.sweep_after_grace() == {job_id: "failed"}
+    assert run.sent == []
     failed = store.get_job(job_id)
     assert (failed.status, failed.reason) == ("failed", "worker_lost")
+    assert "LRFINDER_MAX_ATTEMPTS" in failed.error
     assert [run.stop_reason for run in failed.runs] == ["worker_lost", "worker_lost"]
+    assert store.running_job_ids() == []
+
+
+def test_reaper_failed_job_keeps_finished_runs(store: Store) -> None:
+    job_id = lost_job(store, attempts=1)
+    finished = store.get_job(job_id).runs[0]
+    finished.status = "succeeded"
+    finished.stop_reason = "completed"
+    store.record_progress(job_id, "16-0", [make_point(0), make_point(1)], finished)
+    make_reaper(store).sweep_after_grace()
+    failed = store.get_job(job_id)
+    assert failed.partial is True
+    assert failed.runs[0].status == "succeeded"
+    assert store.count_points(job_id, "16-0") == 2
+
+
+def test_reaper_cancels_lost_job_on_request(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    store.record_progress(
+        job_id, "16-0", [make_point(0)], store.get_job(job_id).runs[0]
+    )
+    assert store.request_cancel(job_id) == "running"
+    run = make_reaper(store)
+    assert run.sweep_after_grace() == {job_id: "cancelled"}
+    assert run.sent == []
+    cancelled = store.get_job(job_id)
+    assert (cancelled.status, cancelled.reason) == ("cancelled", "cancelled")
+    assert store.count_points(job_id, "16-0") == 1
+
+
+def test_reaper_send_failure_leaves_job_running(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+
+    def broker_down(job_id: str) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    reaper = Reaper(store, REAPER_SETTINGS, broker_down, clock=lambda: 0.0)
+    reaper.lost_since[job_id] = -reaper.grace_s
+    assert reaper.sweep() == {}
+    assert store.get_status(job_id) == "running"
+    assert store.get_job(job_id).attempts == 1
 
 
 def test_reaper_leaves_job_with_heartbeat(store: Store) -> None:
     job_id = lost_job(store, attempts=0)
     store.beat(job_id, "alive:1")
-    assert reap_lost_jobs(store, Settings(max_attempts=2), lambda job_id: None) == []
+    assert make_reaper(store).sweep_after_grace() == {}
     assert store.get_status(job_id) == "running"
 
 
 def test_reaper_leaves_job_with_lock(store: Store) -> None:
     job_id = lost_job(store, attempts=0)
     store.acquire_lock(job_id, "alive")
-    assert reap_lost_jobs(store, Settings(max_attempts=2), lambda job_id: None) == []
+    assert make_reaper(store).sweep_after_grace() == {}
+    assert store.get_status(job_id) == "running"
+
+
+def test_recover_lost_job_yields_to_new_execution(store: Store) -> None:
+    job_id = lost_job(store, attempts=0)
+    store.acquire_lock(job_id, "new-execution")
+    assert store.recover_lost_job(job_id, max_attempts=2) is None
+    assert store.get_status(job_id) == "running"
 
 
 # A real Celery worker running the real study on photos.

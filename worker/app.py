@@ -18,21 +18,17 @@ from typing import Any
 
 from celery import Celery, signals
 
+from lrfinder.delivery import RUN_JOB_TASK, visibility_timeout_s
 from lrfinder.settings import get_settings
 from worker import presence
 
 logger = logging.getLogger(__name__)
-
-# Seconds an unacknowledged message may wait beyond the longest job before
-# the broker delivers it again. The job lock makes a second delivery harmless.
-VISIBILITY_MARGIN_S = 3600
 
 
 def create_app() -> Celery:
     """Create the Celery app from the LRFINDER_ settings."""
     settings = get_settings()
     app = Celery("lrfinder", broker=settings.redis_url, include=["worker.tasks"])
-    visibility_timeout = int(settings.max_time_limit_s + VISIBILITY_MARGIN_S)
     app.conf.update(
         task_default_queue=settings.queue,
         task_ignore_result=True,
@@ -43,7 +39,7 @@ def create_app() -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_pool="solo",
-        broker_transport_options={"visibility_timeout": visibility_timeout},
+        broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
         broker_connection_retry=True,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -78,6 +74,4 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 
 def _send_job(job_id: str, queue: str | None = None) -> None:
-    app.send_task(
-        "lrfinder.run_job", args=[job_id], queue=queue or get_settings().queue
-    )
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue or get_settings().queue)

@@ -45,13 +45,20 @@ def resolve_device(setting: str) -> str:
 
 
 def time_limit_s(job: Job, settings: Settings) -> float:
-    """Return the job's wall-clock budget, capped by the server's maximum.
-
-    NOTE: the budget counts from the start of each execution, so a job
-    re-queued after a lost worker or a shutdown gets its full budget again.
-    """
+    """Return the job's wall-clock budget, capped by the server's maximum."""
     requested = job.spec.time_limit_s or settings.default_time_limit_s
     return min(requested, settings.max_time_limit_s)
+
+
+def remaining_time_s(job: Job, settings: Settings, now: float) -> float:
+    """Return what is left of the job's budget at ``now`` (Unix time), seconds.
+
+    The budget counts from the job's first start, so the time of earlier
+    executions and the waits between them (after a lost worker or a
+    shutdown) are spent too.
+    """
+    started_at = job.started_at if job.started_at is not None else now
+    return time_limit_s(job, settings) - (now - started_at)
 
 
 class JobHeartbeat:
@@ -113,6 +120,7 @@ class JobExecution:
         run_study: ``lrfinder.study.run_study`` or a stand-in with its signature.
         study_error: The exception type that carries a study's error code.
         clock: Monotonic clock of the time budget, seconds.
+        wall_clock: Unix time, seconds, compared with the job's first start.
     """
 
     def __init__(
@@ -126,6 +134,7 @@ class JobExecution:
         run_study: StudyRunner,
         study_error: type[Exception],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.job_id = job_id
         self.store = store
@@ -135,7 +144,9 @@ class JobExecution:
         self.run_study = run_study
         self.study_error = study_error
         self.clock = clock
+        self.wall_clock = wall_clock
         self.token = uuid.uuid4().hex
+        self.send_after_release = False
 
     def run(self) -> str:
         """Run the job if this delivery may; return what happened, in one word."""
@@ -143,9 +154,16 @@ class JobExecution:
             logger.info("job %s: locked by another execution; skipping", self.job_id)
             return "skipped"
         try:
-            return self._run_locked()
+            outcome = self._run_locked()
         finally:
             self.store.release_lock(self.job_id, self.token)
+        if self.send_after_release:
+            # Sent only now: a worker that took the message while this
+            # execution held the lock would skip it, and the job would stay
+            # queued with no message left.
+            self.requeue(self.job_id)
+            logger.warning("job %s: worker shutting down; job re-queued", self.job_id)
+        return outcome
 
     def _run_locked(self) -> str:
         status = self.store.get_status(self.job_id)
@@ -155,10 +173,10 @@ class JobExecution:
         if status in FINAL_JOB_STATUSES:
             logger.info("job %s: already %s; skipping", self.job_id, status)
             return "skipped"
-        if self.store.is_cancel_requested(self.job_id) and status == "queued":
-            self.store.request_cancel(self.job_id)
-            logger.info("job %s: cancelled while queued", self.job_id)
-            return "cancelled"
+        if self.store.is_cancel_requested(self.job_id):
+            # Queued, or running but abandoned by a lost execution: either way
+            # nothing runs, and the curves stored so far stay.
+            return self._finish_cancelled()
         return self._start()
 
     def _start(self) -> str:
@@ -202,15 +220,26 @@ class JobExecution:
             len(todo),
             len(runs),
         )
+        remaining_s = remaining_time_s(job, self.settings, self.wall_clock())
+        if remaining_s <= 0:
+            logger.warning(
+                "job %s: time budget spent before this execution", self.job_id
+            )
+            return self._finish("time_limit")
         stop = StopConditions(
             self.store,
             self.job_id,
-            time_limit_s=time_limit_s(job, self.settings),
+            time_limit_s=remaining_s,
             shutdown=self.shutdown,
             lock_lost=lock_lost,
             clock=self.clock,
         )
         hooks = RedisHooks(self.store, self.job_id, runs, stop)
+        return self._call_study(job, todo, hooks, device)
+
+    def _call_study(
+        self, job: Job, todo: list[RunKey], hooks: RedisHooks, device: str
+    ) -> str:
         try:
             self.run_study(
                 job.spec, settings=self.settings, runs=todo, hooks=hooks, device=device
@@ -219,15 +248,19 @@ class JobExecution:
             return self._fail(getattr(error, "code", "error"), _study_message(error))
         except redis.RedisError as error:
             # Recording the failure needs Redis too, so the job stays running
-            # and the reaper re-queues it once its heartbeat expires.
-            logger.error("job %s: Redis failed mid-run: %s", self.job_id, error)
+            # and the reaper re-queues or fails it once its heartbeat expires.
+            logger.error(
+                "job %s: Redis unavailable longer than the worker retries: %s",
+                self.job_id,
+                error,
+            )
             raise
         except Exception as error:  # any failure must end the job
             logger.exception(
                 "job %s: failed with %s", self.job_id, type(error).__name__
             )
             return self._fail("error", f"{type(error).__name__}: {error}")
-        return self._conclude(stop.reason, lock_lost.is_set(), runs)
+        return self._conclude(hooks.stop.reason, hooks.stop.lock_lost.is_set())
 
     def _fail(self, reason: str, message: str) -> str:
         logger.error("job %s: failed: %s: %s", self.job_id, reason, message)
@@ -235,39 +268,36 @@ class JobExecution:
         self.store.finish_job(self.job_id, "failed", reason=reason, error=message)
         return "failed"
 
-    def _conclude(
-        self, stop_reason: str | None, lock_lost: bool, runs: dict[str, RunState]
-    ) -> str:
+    def _conclude(self, stop_reason: str | None, lock_lost: bool) -> str:
         if lock_lost:
             logger.error("job %s: lost its lock; leaving it to its holder", self.job_id)
             return "interrupted"
         if stop_reason == "interrupted":
             return self._checkpoint()
         if stop_reason == "cancelled":
-            return self._finish_cancelled(runs)
-        return self._finish(stop_reason, runs)
+            return self._finish_cancelled()
+        return self._finish(stop_reason)
 
     def _checkpoint(self) -> str:
         # Runs left running by the study (if any) keep their partial curve
         # as pending, so the next execution runs them again.
         self.store.close_unfinished_runs(self.job_id, "pending", "interrupted")
-        if self.store.requeue_job(
+        self.send_after_release = self.store.requeue_job(
             self.job_id, reason="interrupted", count_attempt=False
-        ):
-            self.requeue(self.job_id)
-            logger.warning("job %s: worker shutting down; job re-queued", self.job_id)
+        )
         return "requeued"
 
-    def _finish_cancelled(self, runs: dict[str, RunState]) -> str:
+    def _finish_cancelled(self) -> str:
         self.store.close_unfinished_runs(self.job_id, "cancelled", "cancelled")
-        partial = any(state.status == "succeeded" for state in runs.values())
+        states = self.store.get_runs(self.job_id).values()
+        partial = any(state.status == "succeeded" for state in states)
         self.store.finish_job(
             self.job_id, "cancelled", reason="cancelled", partial=partial
         )
         logger.info("job %s: cancelled", self.job_id)
         return "cancelled"
 
-    def _finish(self, stop_reason: str | None, runs: dict[str, RunState]) -> str:
+    def _finish(self, stop_reason: str | None) -> str:
         if stop_reason == "time_limit":
             message = "the job's time budget was spent before this run started"
             self.store.close_unfinished_runs(

@@ -32,7 +32,8 @@ class StopConditions:
     Args:
         store: Where the cancel flag is read.
         job_id: The job being run.
-        time_limit_s: Wall-clock budget of this execution, seconds.
+        time_limit_s: What is left of the job's wall-clock budget when this
+            execution starts, seconds.
         shutdown: Set when the worker was asked to shut down (SIGTERM).
         lock_lost: Set when another execution took the job's lock.
         clock: Monotonic clock, seconds; replaceable in tests.
@@ -133,7 +134,7 @@ class RedisHooks:
         self.store.set_data_report(self.job_id, report)
 
     def on_run_start(self, key: RunKey) -> None:
-        if self.stop.reason is not None:
+        if self.stop.check() is not None:
             # The job is stopping, so this run records nothing; its earlier
             # state and points stay, and the job's ending closes it.
             self._skipped.add(key.name)
@@ -163,7 +164,7 @@ class RedisHooks:
 
     def on_run_end(self, key: RunKey, result: Any) -> None:
         """Store the run's outcome; ``result`` is a ``lrfinder.study.RunResult``."""
-        if key.name in self._skipped:
+        if key.name in self._skipped or self._lock_lost():
             return
         state = self.runs[key.name]
         state.step = len(result.points)
@@ -187,11 +188,19 @@ class RedisHooks:
     def should_stop(self) -> str | None:
         return self.stop.check()
 
+    def _lock_lost(self) -> bool:
+        # Another execution owns the job now and may have restarted this run,
+        # so every later write of this one would corrupt its curve.
+        return self.stop.lock_lost.is_set()
+
     def _flush(self, run_name: str, *, final: bool = False) -> None:
+        if self._lock_lost():
+            return
         points = self._buffer
+        start = self._points_in_run - len(points)
         try:
             self.store.record_progress(
-                self.job_id, run_name, points, self.runs[run_name]
+                self.job_id, run_name, points, self.runs[run_name], start=start
             )
         except redis.RedisError as error:
             if final:

@@ -3,7 +3,7 @@
 A thread refreshes ``worker:{name}`` every ``PRESENCE_INTERVAL_S`` (or every
 ``heartbeat_interval_s`` when that is shorter) so that
 ``/readyz`` finds a live worker, and on each tick looks for running jobs
-whose execution went silent (see ``worker.reaper``).
+whose execution went silent (see ``lrfinder.reaper``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 import redis
 
+from lrfinder.reaper import Reaper
 from lrfinder.settings import get_settings
-from lrfinder.store import Store
+from lrfinder.store import Store, retries_for
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,12 @@ def get_store() -> Store:
     """Return the worker process's store, created on first use."""
     global _store
     if _store is None:
-        # Workers retry longer than the API: a job in progress waits for a
-        # restarting Redis (about 30 s) instead of failing.
-        _store = Store.from_settings(get_settings(), retries=10)
+        # Workers retry longer than the API: a job in progress waits for
+        # Redis through an outage as long as its heartbeat's lifetime, after
+        # which the reaper may give the job to another execution.
+        settings = get_settings()
+        retries = retries_for(settings.heartbeat_timeout_s)
+        _store = Store.from_settings(settings, retries=retries)
     return _store
 
 
@@ -78,7 +82,6 @@ def start(name: str, send_job: Callable[[str], None]) -> None:
     """Start the presence thread of the worker named ``name``."""
     global _thread
     from worker.execution import resolve_device
-    from worker.reaper import reap_lost_jobs
 
     settings = get_settings()
     info = {
@@ -89,10 +92,11 @@ def start(name: str, send_job: Callable[[str], None]) -> None:
         "started": time.time(),
     }
 
-    def tick() -> None:
-        reap_lost_jobs(get_store(), settings, send_job)
+    reaper = Reaper(get_store(), settings, send_job)
 
-    # A lost job is noticed within heartbeat_timeout_s plus one tick.
+    def tick() -> None:
+        reaper.sweep()
+
     interval_s = min(PRESENCE_INTERVAL_S, settings.heartbeat_interval_s)
     _thread = WorkerPresence(name, info, tick, interval_s)
     _thread.start()

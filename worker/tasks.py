@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lrfinder.delivery import RUN_JOB_TASK
 from lrfinder.errors import StudyError
 from lrfinder.settings import get_settings
 from worker import presence
@@ -14,7 +15,7 @@ from worker.execution import JobExecution
 logger = logging.getLogger(__name__)
 
 
-@app.task(name="lrfinder.run_job", bind=True, ignore_result=True)
+@app.task(name=RUN_JOB_TASK, bind=True, ignore_result=True)
 def run_job(self: Any, job_id: str) -> str:
     """Run the job ``job_id`` unless another execution has it or it is finished."""
     # Imported here so that loading the task module costs no torch import.
@@ -26,7 +27,7 @@ def run_job(self: Any, job_id: str) -> str:
         logger.warning("job %s: message delivered again", job_id)
 
     def requeue(requeued_id: str) -> None:
-        app.send_task("lrfinder.run_job", args=[requeued_id], queue=queue)
+        app.send_task(RUN_JOB_TASK, args=[requeued_id], queue=queue)
 
     execution = JobExecution(
         job_id,
