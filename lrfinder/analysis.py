@@ -152,7 +152,7 @@ def analyze_study(
     *,
     mode: str = "exponential",
     model_has_batchnorm: bool = False,
-    gradient_noise: Mapping[int | str, Sequence[float]] | None = None,
+    gradient_noise: Mapping[Any, Any] | None = None,
     methods: Sequence[str] = METHODS,
     smoothing: str = "gaussian",
 ) -> dict[str, Any]:
@@ -166,7 +166,8 @@ def analyze_study(
         model_has_batchnorm: warn about batch sizes of 8 or less and add each
             fit without the smallest batch size.
         gradient_noise: {batch_size: [squared gradient norms]} measured at the
-            starting weights, for ``estimate_noise_scale``; None to skip.
+            starting weights, or the study's own report of them (a dictionary
+            with ``batches`` and ``large_batch``); None to skip.
         methods: the suggestion methods to report.
         smoothing: the filter ``suggest`` applies to the raw losses.
 
@@ -288,11 +289,36 @@ def scaling_entry(samples: dict[int, dict[int, float | None]]) -> dict[str, Any]
     }
 
 
+def noise_measurements(
+    measured: Mapping[str, Any],
+) -> dict[int | str, list[float]]:
+    """Group the study's gradient measurements by batch size.
+
+    The study reports ``{"batches": [{"batch_size", "squared_norms"}],
+    "large_batch": {"batch_size", "squared_norm"}}``; the large accumulated
+    batch joins the others because it pins the regression's intercept.
+    """
+    grouped: dict[int | str, list[float]] = {}
+    for entry in measured.get("batches") or []:
+        grouped.setdefault(entry["batch_size"], []).extend(entry["squared_norms"])
+    large = measured.get("large_batch")
+    if large and large.get("squared_norm") is not None:
+        grouped.setdefault(large["batch_size"], []).append(large["squared_norm"])
+    return grouped
+
+
 def noise_entry(
-    gradient_noise: Mapping[int | str, Sequence[float]] | None, warnings: list[str]
+    gradient_noise: Mapping[Any, Any] | None, warnings: list[str]
 ) -> dict[str, Any] | None:
     if not gradient_noise:
         return None
+    if "batches" in gradient_noise:
+        if gradient_noise.get("error"):
+            warnings.append(
+                f"gradient noise scale not measured: {gradient_noise['error']}"
+            )
+            return None
+        gradient_noise = noise_measurements(gradient_noise)
     try:
         return estimate_noise_scale(gradient_noise)
     except ValueError as error:

@@ -537,3 +537,33 @@ def test_analyze_study_no_curves_empty() -> None:
     result = analyze_study([])
     assert result["batch_sizes"] == []
     assert result["scaling"]["valley"]["alpha"] is None
+
+
+def test_analyze_study_reads_study_noise_report() -> None:
+    generator = np.random.default_rng(3)
+    gradient_norm_squared, trace = 2.0, 64.0
+    report = {
+        "batches": [
+            {
+                "batch_size": size,
+                "squared_norms": list(
+                    gradient_norm_squared
+                    + trace / size * generator.uniform(0.9, 1.1, 8)
+                ),
+            }
+            for size in (4, 8, 16, 32)
+        ],
+        "large_batch": {"batch_size": 1024, "squared_norm": 2.0 + 64.0 / 1024},
+    }
+    result = analyze_study(study_curves([8, 32], repeats=1, alpha=1.0),
+                           gradient_noise=report)
+    b_simple = result["gradient_noise"]["b_simple"]
+    assert b_simple == pytest.approx(trace / gradient_norm_squared, rel=0.2)
+
+
+def test_analyze_study_warns_on_failed_noise_report() -> None:
+    report = {"batches": [], "large_batch": None, "error": "out of memory"}
+    result = analyze_study(study_curves([8, 32], repeats=1, alpha=1.0),
+                           gradient_noise=report)
+    assert result["gradient_noise"] is None
+    assert any("out of memory" in warning for warning in result["warnings"])

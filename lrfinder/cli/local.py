@@ -169,7 +169,7 @@ def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[P
             curves,
             mode=spec.sweep.mode,
             model_has_batchnorm=model_has_batchnorm(spec.model.name),
-            gradient_noise=noise_by_batch_size(result.gradient_noise),
+            gradient_noise=result.gradient_noise,
         )
     document = {
         "status": study_status(result),
@@ -185,17 +185,6 @@ def write_study_outputs(spec: JobSpec, result: StudyResult, out: Path) -> list[P
         write_text(out / "analysis.json", json.dumps(analysis, indent=2)),
     ]
     return written + write_plots(spec, curves, analysis, out)
-
-
-def noise_by_batch_size(
-    measured: dict[str, Any] | None,
-) -> dict[int, list[float]] | None:
-    """Turn the study's gradient measurements into the analysis' input."""
-    if not measured:
-        return None
-    return {
-        entry["batch_size"]: entry["squared_norms"] for entry in measured["batches"]
-    }
 
 
 def write_plots(
