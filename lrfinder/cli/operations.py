@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -55,7 +56,26 @@ def serve(
         host=settings.api_host,
         port=port or settings.api_port,
         log_level=log_level,
+        log_config=serve_log_config(log_level),
     )
+
+
+def serve_log_config(log_level: str) -> dict[str, Any]:
+    """Return uvicorn's logging configuration plus the API's own loggers.
+
+    uvicorn configures only its own loggers, so without this the API's
+    lifecycle and job messages (``api.*``, ``lrfinder.*``) are dropped.
+    """
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for name in ("api", "lrfinder"):
+        config["loggers"][name] = {
+            "handlers": ["default"],
+            "level": log_level.upper(),
+            "propagate": False,
+        }
+    return config
 
 
 def worker_command(hostname: str | None, log_level: str) -> list[str]:
