@@ -11,6 +11,7 @@ is ever loaded in a way that can run code: torch files load with
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import re
@@ -47,6 +48,8 @@ AUXILIARY_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 LEGACY_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
+
+logger = logging.getLogger(__name__)
 
 _FORCED_WEIGHTS_ONLY = threading.Lock()
 
@@ -218,13 +221,21 @@ def require_hub_file(name: str, weights: WeightsEnum, settings: Settings) -> Pat
     """
     path = hub_checkpoint_path(weights)
     if not path.is_file() and not settings.allow_downloads:
+        # The job's error reaches the user, so the server path goes to the log.
         torch_home = os.environ.get("TORCH_HOME", "unset, so ~/.cache/torch")
+        logger.warning(
+            "pretrained weights %s %s missing: expected the file %s (TORCH_HOME is "
+            "%s); place it there or set LRFINDER_ALLOW_DOWNLOADS=true",
+            name,
+            weights.name,
+            path,
+            torch_home,
+        )
         raise StudyError(
             "weights_missing",
-            f"pretrained weights {name} {weights.name} are not in the local torch "
-            f"hub cache: expected the file {path} (TORCH_HOME is {torch_home}). "
-            "Place the file there, or let the server download it with "
-            "LRFINDER_ALLOW_DOWNLOADS=true",
+            f"pretrained weights {name} {weights.name} (file {path.name}) are not "
+            "in the server's torch hub cache, and the server does not download "
+            "weights; ask the administrator to place the file there",
         )
     return path
 
@@ -250,8 +261,8 @@ def _build_pretrained(
     except (RuntimeError, OSError, EOFError) as error:
         raise StudyError(
             "weights_invalid",
-            f"the hub cache file {path} cannot be read ({type(error).__name__}); "
-            "delete it and fetch it again",
+            f"the hub cache file {path.name} cannot be read "
+            f"({type(error).__name__}); ask the administrator to fetch it again",
         ) from None
     replace_classifier(network, num_classes)
     return network
