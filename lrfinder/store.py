@@ -130,12 +130,14 @@ class _RetryLog:
         if now - self.last_logged < self.interval_s:
             self.suppressed += 1
             return True
+        unlogged = (
+            f" ({self.suppressed} failures not logged)" if self.suppressed else ""
+        )
         logger.warning(
-            "redis command failed (%s: %s); retrying with backoff "
-            "(%d more failures since the last message)",
+            "redis command failed (%s: %s); retrying with backoff%s",
             type(error).__name__,
             error,
-            self.suppressed,
+            unlogged,
         )
         self.last_logged = now
         self.suppressed = 0

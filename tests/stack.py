@@ -139,7 +139,11 @@ class Service:
 
 
 class RedisServer(Service):
-    """A private redis-server on a free loopback port, data in its own folder."""
+    """A private redis-server on a free loopback port, data in its own folder.
+
+    With ``appendonly`` every write reaches the append-only file before Redis
+    replies (``appendfsync always``), so a restart loses nothing.
+    """
 
     def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.port = free_port()
@@ -156,6 +160,7 @@ class RedisServer(Service):
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
             "--dir", str(self.directory),
         ]  # fmt: skip
 
@@ -182,6 +187,14 @@ class RedisServer(Service):
     def _start_once(self) -> None:
         super().start()
         wait_until(self._is_running_here, timeout_s=20.0, message=f"{self.name} INFO")
+
+    def restart(self) -> None:
+        """Start the server again on the same port and folder after ``stop``.
+
+        Raises:
+            PortTakenError: another process took the port meanwhile.
+        """
+        self._start_once()
 
     def _is_running_here(self) -> bool:
         if not self.alive():
@@ -258,9 +271,15 @@ def redis_server(
         yield server
 
 
-def worker_command(name: str, queue: str) -> list[str]:
+CELERY = (sys.executable, "-m", "celery")
+
+
+def worker_command(
+    name: str, queue: str, launcher: tuple[str, ...] = CELERY
+) -> list[str]:
+    """Return the command of a worker; ``launcher`` replaces ``python -m celery``."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        *launcher, "-A", "worker.app", "worker",
         "-Q", queue, "--pool", "solo", "--concurrency", "1",
         "--prefetch-multiplier", "1", "-n", f"{name}@%h",
         "--loglevel", "INFO", "--without-gossip", "--without-mingle",
@@ -274,12 +293,12 @@ def start_worker(
     name: str = "worker",
     queue: str = "lrfinder",
     log_dir: Path | None = None,
+    launcher: tuple[str, ...] = CELERY,
 ) -> Service:
     """Start a Celery worker and wait until its presence key appears."""
     env = {**service_env(redis_url), **(env or {}), "LRFINDER_QUEUE": queue}
-    worker = Service(
-        f"worker-{name}", worker_command(name, queue), env, _log_dir(log_dir)
-    )
+    command = worker_command(name, queue, launcher)
+    worker = Service(f"worker-{name}", command, env, _log_dir(log_dir))
     worker.start()
     store = Store.from_url(redis_url)
     try:
@@ -309,9 +328,12 @@ def worker_process(
     name: str = "worker",
     queue: str = "lrfinder",
     log_dir: Path | None = None,
+    launcher: tuple[str, ...] = CELERY,
 ) -> Iterator[Service]:
     """Run a Celery worker (solo pool) until the block ends."""
-    worker = start_worker(redis_url, env, name=name, queue=queue, log_dir=log_dir)
+    worker = start_worker(
+        redis_url, env, name=name, queue=queue, log_dir=log_dir, launcher=launcher
+    )
     try:
         yield worker
     except BaseException:

@@ -30,6 +30,7 @@ from lrfinder.store import Store
 from tests.stack import (  # noqa: F401
     RedisServer,
     Service,
+    free_port,
     is_final,
     redis_service,
     send_job,
@@ -233,6 +234,14 @@ def test_stop_conditions_reason_stays(store: Store) -> None:
     stop.check()
     stop.shutdown.clear()
     assert stop.check() == "interrupted"
+
+
+
+def test_stop_conditions_interrupt_when_redis_down() -> None:
+    unreachable = Store.from_url(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    stop = stop_conditions(unreachable, "job", lambda: 0.0)
+    assert stop.check() == "interrupted"
+    assert isinstance(stop.redis_error, redis.ConnectionError)
 
 
 # Hooks.

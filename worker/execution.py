@@ -162,7 +162,7 @@ class JobExecution:
             # execution held the lock would skip it, and the job would stay
             # queued with no message left.
             self.requeue(self.job_id)
-            logger.warning("job %s: worker shutting down; job re-queued", self.job_id)
+            logger.warning("job %s: re-queued", self.job_id)
         return outcome
 
     def _run_locked(self) -> str:
@@ -260,7 +260,7 @@ class JobExecution:
                 "job %s: failed with %s", self.job_id, type(error).__name__
             )
             return self._fail("error", f"{type(error).__name__}: {error}")
-        return self._conclude(hooks.stop.reason, hooks.stop.lock_lost.is_set())
+        return self._conclude(hooks.stop)
 
     def _fail(self, reason: str, message: str) -> str:
         logger.error("job %s: failed: %s: %s", self.job_id, reason, message)
@@ -268,15 +268,17 @@ class JobExecution:
         self.store.finish_job(self.job_id, "failed", reason=reason, error=message)
         return "failed"
 
-    def _conclude(self, stop_reason: str | None, lock_lost: bool) -> str:
-        if lock_lost:
+    def _conclude(self, stop: StopConditions) -> str:
+        if stop.lock_lost.is_set():
             logger.error("job %s: lost its lock; leaving it to its holder", self.job_id)
             return "interrupted"
-        if stop_reason == "interrupted":
+        if stop.reason == "interrupted":
+            cause = "redis unavailable" if stop.redis_error else "worker shutting down"
+            logger.warning("job %s: interrupted (%s)", self.job_id, cause)
             return self._checkpoint()
-        if stop_reason == "cancelled":
+        if stop.reason == "cancelled":
             return self._finish_cancelled()
-        return self._finish(stop_reason)
+        return self._finish(stop.reason)
 
     def _checkpoint(self) -> str:
         # Runs left running by the study (if any) keep their partial curve

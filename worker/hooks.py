@@ -29,6 +29,11 @@ FLUSH_INTERVAL_S = 0.5
 class StopConditions:
     """Decides, before every step, whether the job must stop and why.
 
+    A Redis command that still fails after all of the worker's retries (an
+    outage longer than the heartbeat timeout) interrupts the job: it is
+    re-queued if Redis returns in time to record that, and left to the
+    reaper otherwise.
+
     Args:
         store: Where the cancel flag is read.
         job_id: The job being run.
@@ -57,6 +62,7 @@ class StopConditions:
         self.clock = clock
         self.started = clock()
         self.reason: str | None = None
+        self.redis_error: redis.RedisError | None = None
 
     def check(self) -> str | None:
         """Return the stop reason, or None to go on; a reason, once given, stays."""
@@ -69,6 +75,8 @@ class StopConditions:
             return "cancelled"
         if self.shutdown.is_set() or self.lock_lost.is_set():
             return "interrupted"
+        if self.redis_error is not None:
+            return "interrupted"
         if self.clock() - self.started >= self.time_limit_s:
             return "time_limit"
         return None
@@ -77,12 +85,20 @@ class StopConditions:
         try:
             return self.store.is_cancel_requested(self.job_id)
         except redis.RedisError as error:
-            # The next step reads the flag again, because a Redis outage must not
-            # stop a sweep.
-            logger.warning(
-                "job %s: cannot read the cancel flag: %s", self.job_id, error
-            )
+            self.record_redis_error(error)
             return False
+
+    def record_redis_error(self, error: redis.RedisError) -> None:
+        """Note a command that failed after every retry; the job stops at the next step."""
+        if self.redis_error is None:
+            logger.error(
+                "job %s: redis unavailable after every retry (%s: %s); "
+                "interrupting the job",
+                self.job_id,
+                type(error).__name__,
+                error,
+            )
+        self.redis_error = error
 
 
 def run_status(stop_reason: str | None, points: int) -> str:
@@ -205,10 +221,11 @@ class RedisHooks:
         except redis.RedisError as error:
             if final:
                 raise
-            # Keep the batch; the next flush writes it with the newer points.
+            # Keep the batch: the run's end writes it with the newer points.
             logger.warning(
                 "job %s: cannot write %d points: %s", self.job_id, len(points), error
             )
+            self.stop.record_redis_error(error)
             return
         self._buffer = []
         self._last_flush = self.clock()
