@@ -134,6 +134,13 @@ def target_rows(results: dict, medians: dict) -> list[tuple[str, str, bool | Non
         rows.append((f"{ROW_LABELS[row][:3]} / {ROW_LABELS[reference][:3]} "
                      f"{sign} {limit}", number(value, 3),
                      compare(value, limit, at_most=at_most)))
+    paired = results["extras"].get("paired")
+    if paired:
+        ratios = [figures["wall"] for figures in paired["details"]["ratios"].values()]
+        worst = max(ratios)
+        rows.append(("(2) / (1) ≤ 1.03, sweeps alternating in one process "
+                     "(largest over batch sizes)", number(worst, 3),
+                     compare(worst, 1.03, at_most=True)))
     best = [compiled_ratio(results, medians, mode)
             for mode in ("channels_last", "torch_compile")]
     best = [value for value in best if value is not None]
@@ -205,10 +212,26 @@ def extras_section(results: dict, medians: dict) -> list[str]:
                   f"Whole study: {frozen['speedup']:.2f} × faster with the cache; "
                   f"sweeps alone: {frozen['sweep_speedup']:.2f} ×; largest loss "
                   f"difference {frozen['max_difference']:.2e}."]
+    lines += paired_section(extras)
     lines += compiled_section(extras, medians)
     lines += progress_section(extras)
     lines += load_section(extras)
     lines += fan_out_section(extras)
+    return lines
+
+
+def paired_section(extras: dict) -> list[str]:
+    paired = extras.get("paired")
+    if not paired:
+        return []
+    details = paired["details"]
+    lines = ["", "### Engine and bare loop alternating in one process", "",
+             f"{len(next(iter(details['pairs'].values())))} pairs of "
+             f"{details['steps']}-step sweeps per batch size, decoding excluded.",
+             "", "| batch size | engine / bare, wall (median) | engine / bare, CPU "
+             "(median) |", "| ---: | ---: | ---: |"]
+    for size, ratios in details["ratios"].items():
+        lines.append(f"| {size} | {ratios['wall']:.3f} | {ratios['cpu']:.3f} |")
     return lines
 
 

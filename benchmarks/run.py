@@ -45,7 +45,7 @@ logger = logging.getLogger("benchmark")
 
 BENCH_PYTHON = REPOSITORY / ".bench-venv" / "bin" / "python"
 MAIN_ROWS = ("bare", "engine", "service", "torch_lr_finder", "fastai")
-EXTRA_ROWS = ("frozen", "compiled", "progress", "load", "fan_out")
+EXTRA_ROWS = ("paired", "frozen", "compiled", "progress", "load", "fan_out")
 # A measured job that runs longer than this many times the first bare-loop
 # time is treated as stuck.
 JOB_TIMEOUT_FACTOR = 20
@@ -149,6 +149,10 @@ class Benchmark:
                 self.skip(row, f"failed: {type(error).__name__}: {error}; "
                           f"see {self.logs}")
             self.save()
+
+    def extra_paired(self) -> None:
+        self.results["extras"]["paired"] = self.contender(
+            "paired.py", "paired").to_dict()
 
     def extra_frozen(self) -> None:
         frozen = {}
