@@ -525,7 +525,7 @@ def test_submissions_past_rate_429_retry_after(
     key, _ = create_key(live_store, "erin")
     queued = live_store.client.llen(HELD_QUEUE)
     # Eleven submissions over a limit of five per minute: even if a minute
-    # boundary falls between them, one minute sees six.
+    # boundary falls between them, one minute receives six.
     responses = [
         submit(held_api, key, dataset={"name": "flowers", "image_size": 32})
         for _ in range(11)
