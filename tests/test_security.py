@@ -43,7 +43,7 @@ from tests.stack import (  # noqa: F401
     worker_process,
 )
 from tests.test_api import VALID_SPEC
-from tests.test_api_auth import CROSS_USER_REQUESTS
+from tests.test_api_auth import CROSS_USER_REQUESTS, redis_contents
 from tests.test_data import build_hostile_folder, write_photo
 
 HELD_QUEUE = "held"
@@ -148,6 +148,7 @@ def run_cli(env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess
     """Run ``lrfinder ARGUMENTS`` in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "lrfinder.cli", *arguments],
+        check=False,
         cwd=REPOSITORY,
         env=env,
         capture_output=True,
@@ -377,30 +378,6 @@ def test_keys_list_never_shows_key(
         assert name in result.stdout
         assert key not in result.stdout + result.stderr
         assert hash_api_key(key) not in result.stdout
-
-
-def redis_contents(store: Store) -> str:
-    """Return every key and value of the store's Redis as one text."""
-    client = store.client
-    parts = []
-    for name in client.scan_iter(count=1000):
-        kind = client.type(name)
-        if kind == "string":
-            value: Any = client.get(name)
-        elif kind == "hash":
-            value = client.hgetall(name)
-        elif kind == "list":
-            value = client.lrange(name, 0, -1)
-        elif kind == "set":
-            value = sorted(client.smembers(name))
-        elif kind == "zset":
-            value = client.zrange(name, 0, -1, withscores=True)
-        elif kind == "stream":
-            value = client.xrange(name)
-        else:
-            value = f"<{kind}>"
-        parts.append(f"{name} = {value!r}")
-    return "\n".join(parts)
 
 
 def test_redis_stores_only_key_hashes(
