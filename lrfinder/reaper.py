@@ -7,6 +7,10 @@ task that died on a Redis error). Once it has stayed lost for a grace period,
 it is cancelled if a cancellation was requested, re-queued while it has
 attempts left, and failed with reason ``worker_lost`` after that.
 
+A queued job whose message is gone (its worker was killed between taking
+the message and starting the job, or the message could not be sent) gets
+a new message once it has stayed without one for the same grace period.
+
 The grace period covers a Redis restart that outlasted the keys' lifetime:
 a live execution writes its heartbeat again within one interval and one
 retry pause of Redis coming back. A lost job is therefore acted on between
@@ -67,19 +71,27 @@ class Reaper:
         self.grace_s = grace_s(settings)
         self.send_job = send_job
         self.clock = clock
-        # Job id -> clock time at which a sweep first found it lost.
+        # Job id -> clock time at which a sweep first found it lost, or
+        # queued without a message.
         self.lost_since: dict[str, float] = {}
+        self.unsent_since: dict[str, float] = {}
 
     def sweep(self) -> dict[str, str]:
-        """Act on every job lost for at least the grace period.
+        """Act on every job lost, or queued without a message, for the grace period.
 
         Returns:
-            The outcome ("requeued", "failed" or "cancelled") by job id, for
-            the jobs this sweep changed.
+            The outcome ("requeued", "failed", "cancelled" or "resent") by
+            job id, for the jobs this sweep acted on.
 
         Raises:
             redis.RedisError: Redis is unavailable; the next sweep tries again.
         """
+        outcomes = self.sweep_running()
+        outcomes.update(self.sweep_queued())
+        return outcomes
+
+    def sweep_running(self) -> dict[str, str]:
+        """Re-queue or end the running jobs lost for the grace period."""
         now = self.clock()
         lost = [
             job_id
@@ -94,6 +106,30 @@ class Reaper:
             outcome = self.recover(job_id)
             if outcome is not None:
                 outcomes[job_id] = outcome
+        return outcomes
+
+    def sweep_queued(self) -> dict[str, str]:
+        """Send a new message for each queued job without one for the grace period."""
+        now = self.clock()
+        unlocked = [
+            job_id
+            for job_id in self.store.queued_job_ids()
+            if self.store.lock_holder(job_id) is None
+        ]
+        waiting = self.store.find_waiting_messages(unlocked)
+        self.unsent_since = {
+            job_id: self.unsent_since.get(job_id, now)
+            for job_id in unlocked
+            if job_id not in waiting
+        }
+        outcomes = {}
+        for job_id, since in list(self.unsent_since.items()):
+            if now - since >= self.grace_s and self._send(job_id):
+                # The new message shows up on the next sweep; until then the
+                # job waits another grace period rather than get a third.
+                del self.unsent_since[job_id]
+                outcomes[job_id] = "resent"
+                logger.warning("job %s: queued without a message; sent one", job_id)
         return outcomes
 
     def recover(self, job_id: str) -> str | None:
@@ -119,7 +155,7 @@ class Reaper:
             self.send_job(job_id)
         except Exception as error:  # noqa: BLE001 - error types vary by transport
             logger.error(
-                "job %s: lost, but its message could not be sent (%s: %s); "
+                "job %s: its message could not be sent (%s: %s); "
                 "retrying on the next sweep",
                 job_id,
                 type(error).__name__,

@@ -26,6 +26,9 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
     jobs:running            sorted set: running job ids scored by the start
                             of their current execution, scanned for jobs
                             whose worker went silent
+    jobs:queued             sorted set: queued job ids scored by the time
+                            they were queued, scanned for jobs whose
+                            message was lost
     active:{owner}          set of the owner's queued and running job ids
     apikeys                 hash: sha256(key) hex -> key record JSON; written
                             and read by ``lrfinder.keys`` through
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -81,6 +85,8 @@ RETRY_BACKOFF_CAP_S = 2.0
 # Each client logs a retried command at most once in this many seconds, with
 # the number of failures it did not log.
 RETRY_LOG_INTERVAL_S = 10.0
+# A job id as ``new_job_id`` makes it; task ids contain dashes, so never match.
+_JOB_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 # Job fields whose values are floats or ints when read back.
 _FLOAT_FIELDS = ("created_at", "started_at", "finished_at")
 
@@ -309,6 +315,11 @@ class Store:
             pipe.expire(index_key, self.ttl_s)
         pipe.sadd(self.key("active", owner_part), job_id)
         pipe.expire(self.key("active", owner_part), self.ttl_s)
+        self._index_queued(pipe, job_id, created_at)
+
+    def _index_queued(self, pipe: Any, job_id: str, queued_at: float) -> None:
+        pipe.zadd(self.key("jobs", "queued"), {job_id: queued_at})
+        pipe.expire(self.key("jobs", "queued"), self.ttl_s)
 
     def get_job(self, job_id: str) -> Job | None:
         """Return the job with its runs, or None when it does not exist."""
@@ -636,6 +647,7 @@ class Store:
         pipe.hset(self.job_key(job_id), mapping=values)
         pipe.zadd(self.key("jobs", "running"), {job_id: now})
         pipe.expire(self.key("jobs", "running"), self.ttl_s)
+        pipe.zrem(self.key("jobs", "queued"), job_id)
         event = {
             "status": "running",
             "worker": worker,
@@ -696,6 +708,7 @@ class Store:
         pipe.hset(self.job_key(job_id), mapping=values)
         pipe.srem(self.key("active", _owner_part(fields.get("owner"))), job_id)
         pipe.zrem(self.key("jobs", "running"), job_id)
+        pipe.zrem(self.key("jobs", "queued"), job_id)
         event = {"status": status, "reason": reason, "error": error, "partial": partial}
         self._add_event(pipe, job_id, "status", event)
         self._add_event(pipe, job_id, "end", event)
@@ -733,6 +746,7 @@ class Store:
         )
         pipe.hdel(self.job_key(job_id), "worker", "device")
         pipe.zrem(self.key("jobs", "running"), job_id)
+        self._index_queued(pipe, job_id, _now())
         event = {"status": "queued", "reason": reason, "attempts": attempts}
         self._add_event(pipe, job_id, "status", event)
         self._expire_job_keys(pipe, job_id, "events")
@@ -740,6 +754,32 @@ class Store:
     def running_job_ids(self) -> list[str]:
         """Return the ids of jobs marked running, oldest first."""
         return self.client.zrange(self.key("jobs", "running"), 0, -1)
+
+    def queued_job_ids(self) -> list[str]:
+        """Return the ids of queued jobs, oldest first."""
+        return self.client.zrange(self.key("jobs", "queued"), 0, -1)
+
+    def find_waiting_messages(self, job_ids: Iterable[str]) -> set[str]:
+        """Return the ids among ``job_ids`` that a message waiting in a queue names.
+
+        Reads every Redis list outside this store's keys, which with Celery's
+        Redis transport are the queues; each message contains its task's
+        arguments as text. Messages a worker has taken but not acknowledged
+        are not counted.
+
+        NOTE: relies on Kombu's Redis layout (one list per queue and
+        priority, messages as JSON text), checked with Kombu 5.7.
+        """
+        wanted = set(job_ids)
+        found: set[str] = set()
+        if not wanted:
+            return found
+        for key in self.client.scan_iter(count=500, _type="list"):
+            if key.startswith(PREFIX):
+                continue
+            for message in self.client.lrange(key, 0, -1):
+                found.update(wanted.intersection(_JOB_ID.findall(message)))
+        return found
 
     # Jobs whose execution went silent.
 

@@ -169,6 +169,34 @@ def test_sigkill_only_worker_fails_worker_lost(
     assert f"job {job_id}: worker lost" in api_log
 
 
+@pytest.mark.slow
+def test_queued_job_without_message_runs(
+    store: Store,
+    redis_service: RedisServer,
+    worker_service: Service,
+    heartbeat_env: dict[str, str],
+    tmp_path: Path,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.append(worker_service)
+    with api_process(redis_service.url, heartbeat_env, log_dir=tmp_path) as api:
+        show_logs_on_failure.append(api)
+        # Stored but never sent, as when a worker dies between taking the
+        # message and starting the job.
+        job = store.create_job(sweep_spec(20))
+        done = wait_for_job(
+            store,
+            job.id,
+            is_final,
+            timeout_s=LOST_JOB_TIMEOUT_S + 60,
+            services=(api, worker_service),
+        )
+        api_log = api.log_text()
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1
+    assert f"job {job.id}: queued without a message; sent one" in api_log
+
+
 # Time budget.
 
 

@@ -236,7 +236,6 @@ def test_stop_conditions_reason_stays(store: Store) -> None:
     assert stop.check() == "interrupted"
 
 
-
 def test_stop_conditions_interrupt_when_redis_down() -> None:
     unreachable = Store.from_url(f"redis://127.0.0.1:{free_port()}/0", retries=0)
     stop = stop_conditions(unreachable, "job", lambda: 0.0)
@@ -792,6 +791,41 @@ def test_reaper_leaves_job_with_lock(store: Store) -> None:
     store.acquire_lock(job_id, "alive")
     assert make_reaper(store).sweep_after_grace() == {}
     assert store.get_status(job_id) == "running"
+
+
+def test_reaper_resends_queued_job_without_message(store: Store) -> None:
+    job = store.create_job(SPEC)
+    run = make_reaper(store)
+    assert run.sweep_after_grace() == {job.id: "resent"}
+    assert run.sent == [job.id]
+    assert store.get_status(job.id) == "queued"
+
+
+def test_reaper_leaves_queued_job_with_message(
+    store: Store, redis_service: RedisServer
+) -> None:
+    job = store.create_job(SPEC)
+    send_job(redis_service.url, job.id, queue="waiting")
+    run = make_reaper(store)
+    assert run.sweep_after_grace() == {}
+    assert run.sent == []
+
+
+def test_reaper_leaves_queued_job_with_lock(store: Store) -> None:
+    job = store.create_job(SPEC)
+    store.acquire_lock(job.id, "starting")
+    assert make_reaper(store).sweep_after_grace() == {}
+
+
+def test_queued_index_follows_status(store: Store) -> None:
+    job = store.create_job(SPEC)
+    assert store.queued_job_ids() == [job.id]
+    store.mark_running(job.id, worker="host:1", device="cpu", max_attempts=2)
+    assert store.queued_job_ids() == []
+    store.requeue_job(job.id, reason="interrupted", count_attempt=False)
+    assert store.queued_job_ids() == [job.id]
+    store.request_cancel(job.id)
+    assert store.queued_job_ids() == []
 
 
 def test_recover_lost_job_yields_to_new_execution(store: Store) -> None:
