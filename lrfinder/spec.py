@@ -294,6 +294,11 @@ def check_relative_path(value: str, field: str) -> None:
             "name a catalog entry or a path relative to the server's root"
         )
     parts = re.split(r"[/\\]", value)
+    if "." in parts or "" in parts:
+        raise ValueError(
+            f"{field} {value!r} is invalid: empty or '.' path components are "
+            "not allowed; name an entry such as 'photos' or 'folder/photos'"
+        )
     if ".." in parts:
         raise ValueError(
             f"{field} {value!r} is invalid: '..' is not allowed; "

@@ -103,3 +103,10 @@ def test_spec_repeat_seeds_shared_across_batch_sizes() -> None:
 def test_run_key_name_round_trip() -> None:
     key = RunKey(batch_size=64, repeat=2)
     assert RunKey.parse(key.name) == key
+
+
+@pytest.mark.parametrize("name", [".", "./photos", "photos/", "a//b"])
+def test_spec_rejects_dot_and_empty_components(name: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(dataset={"name": name}))
+    assert ("dataset", "name") in error_locations(caught.value)
