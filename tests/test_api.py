@@ -652,6 +652,17 @@ def test_events_bad_last_event_id_is_400(
     assert response.json()["error"]["fields"][0]["field"] == "last-event-id"
 
 
+def test_events_last_event_id_over_64_bits_is_400(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    response = client.get(
+        f"/v1/jobs/{finished_job['id']}/events",
+        headers={**headers, "Last-Event-ID": "99999999999999999999-0"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"][0]["field"] == "last-event-id"
+
+
 def xread_calls(store: Store) -> int:
     stats = store.client.info("commandstats").get("cmdstat_xread", {})
     return int(stats.get("calls", 0))

@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, StoreDep
-from api.errors import error_responses
+from api.errors import ApiError, error_responses
 from api.routes.jobs import load_visible_job
 from lrfinder.jobs import FINAL_JOB_STATUSES
 from lrfinder.store import Store
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 STREAM_ID_PATTERN = r"^\d{1,20}(-\d{1,20})?$"
+# Redis stream ids are two unsigned 64-bit integers, milliseconds-sequence.
+MAX_STREAM_ID_PART = 2**64 - 1
 READ_COUNT = 200
 READ_TIMEOUT_MARGIN_S = 10.0
 # Milliseconds a browser waits before reconnecting after a dropped stream.
@@ -47,6 +49,26 @@ def async_redis(request: Request) -> redis.asyncio.Redis:
             socket_timeout=state.sse_keepalive_s + READ_TIMEOUT_MARGIN_S,
         )
     return state.async_redis
+
+
+def check_stream_id(text: str) -> str:
+    """Return ``text`` if Redis accepts it as a stream id, else raise a 400.
+
+    The header pattern admits 20 digits per part, but Redis rejects parts
+    above 2**64 - 1, and would do so only once the stream has started.
+    """
+    if all(int(part) <= MAX_STREAM_ID_PART for part in text.split("-")):
+        return text
+    message = (
+        f"Last-Event-ID {text!r} is invalid: each part of a stream id must be "
+        f"at most {MAX_STREAM_ID_PART}; send the id of an event this stream sent"
+    )
+    raise ApiError(
+        400,
+        "invalid_request",
+        message,
+        fields=[{"field": "last-event-id", "value": text, "message": message}],
+    )
 
 
 def format_event(event_type: str, data: str, event_id: str | None = None) -> str:
@@ -143,11 +165,12 @@ async def get_events(
 ) -> StreamingResponse:
     """Stream progress, points, run and status events, ending with "end"."""
     await run_in_threadpool(load_visible_job, store, principal, job_id)
+    after = check_stream_id(last_event_id) if last_event_id else "0-0"
     events = stream_events(
         async_redis(request),
         store,
         job_id,
-        last_event_id or "0-0",
+        after,
         request.app.state.sse_keepalive_s,
     )
     return StreamingResponse(
