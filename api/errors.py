@@ -13,6 +13,7 @@ and the log gets the details.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from functools import lru_cache
 from typing import Any
@@ -269,11 +270,19 @@ def describe_validation_error(
 ) -> dict[str, Any]:
     """Turn one pydantic error into a ``{"field", "value", "message"}`` entry."""
     source, *location = error.get("loc", ()) or ("body",)
+    if error.get("type") == "json_invalid":
+        return describe_invalid_json(error)
     path = field_path(location) or str(source)
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     value = error.get("input")
     if error.get("type") == "missing":
         value = None
+    if isinstance(value, bytes) and not location:
+        # FastAPI passes the raw bytes when the body was not sent as JSON.
+        message = (
+            "send the job spec as a JSON object with "
+            "Content-Type: application/json"
+        )
     match = ITEM_MESSAGE.match(message)
     if match and match.group("path").startswith(path + "["):
         path = match.group("path")
@@ -289,8 +298,23 @@ def describe_validation_error(
     return {"field": path, "value": _json_safe(value), "message": message}
 
 
+def describe_invalid_json(error: dict[str, Any]) -> dict[str, Any]:
+    """Describe a body that is not JSON; its location is a character offset."""
+    location = error.get("loc", ())
+    position = location[-1] if len(location) > 1 else None
+    reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+    where = f" at character {position}" if isinstance(position, int) else ""
+    message = f"the request body is not valid JSON: {reason}{where}"
+    return {"field": "body", "value": None, "message": message}
+
+
 def _json_safe(value: Any) -> Any:
-    """Return ``value`` if JSON can carry it, else its repr (bytes, objects)."""
+    """Return ``value`` if JSON can carry it, else its repr (bytes, objects).
+
+    NaN and the infinities become strings, because JSON has no such numbers.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):

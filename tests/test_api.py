@@ -219,6 +219,41 @@ def test_submit_malformed_json_is_422(client: TestClient, headers: dict) -> None
     assert response.json()["error"]["code"] == "invalid_spec"
 
 
+def test_submit_malformed_json_names_body(client: TestClient, headers: dict) -> None:
+    response = client.post(
+        "/v1/jobs",
+        content=b'{"batch_sizes": [8',
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    field = response.json()["error"]["fields"][0]
+    assert field["field"] == "body"
+    assert "not valid JSON" in field["message"]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_submit_non_finite_number_is_422(
+    client: TestClient, headers: dict, number: str
+) -> None:
+    body = json.dumps(VALID_SPEC).replace('"end_lr": 1.0', f'"end_lr": {number}')
+    response = client.post(
+        "/v1/jobs",
+        content=body.encode(),
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert fields_by_name(response)["sweep.end_lr"]["value"] == repr(float(number))
+
+
+def test_submit_text_body_asks_for_json(client: TestClient, headers: dict) -> None:
+    response = client.post(
+        "/v1/jobs",
+        content=json.dumps(VALID_SPEC).encode(),
+        headers={**headers, "Content-Type": "text/plain"},
+    )
+    assert response.status_code == 422
+    assert "application/json" in fields_by_name(response)["body"]["message"]
+
+
 def test_submit_unknown_model_lists_valid_names(
     client: TestClient, headers: dict
 ) -> None:
