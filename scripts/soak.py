@@ -1,10 +1,10 @@
 """Soak the service with small jobs while workers are killed at random.
 
 Starts a private redis-server (append-only file, fsync on every write), the
-API and two Celery workers, submits small studies over HTTP, and SIGKILLs a
-worker (preferably one that is running a job) at random intervals,
-starting a replacement after each kill. Then it waits for every job to end
-and counts, from the job records and their event streams:
+API and two Celery workers, and submits small studies over HTTP. At random
+intervals it SIGKILLs a worker, preferably one that is running a job, and
+starts a replacement. Then it waits for every job to end and counts, from
+the job records and their event streams:
 
 - jobs submitted, succeeded, failed with a reason, cancelled, and stuck
   (not final when the wait ended; must be 0);
@@ -12,7 +12,7 @@ and counts, from the job records and their event streams:
   (must be 0);
 - curves whose stored point count differs from the run's step count.
 
-    python scripts/soak.py --data /path/to/dogs-vs-cats [--jobs 20] [--kills 6]
+    python scripts/soak.py --data /path/to/dogs-vs-cats [--jobs 20] [--kills 8]
 
 The data folder needs one sub-folder of images per class. The script prints
 a JSON summary and writes it with the process logs into ``--output``. It is
@@ -146,7 +146,7 @@ def inject_kills(
 
 @dataclass
 class Summary:
-    """What the soak counted; see the module docstring."""
+    """Counts of one soak run, as the module docstring defines them."""
 
     jobs_submitted: int = 0
     succeeded: int = 0
@@ -277,7 +277,7 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=20, help="Jobs to submit.")
     parser.add_argument("--workers", type=int, default=2, help="Live workers.")
-    parser.add_argument("--kills", type=int, default=6, help="Worker SIGKILLs.")
+    parser.add_argument("--kills", type=int, default=8, help="Worker SIGKILLs.")
     parser.add_argument("--num-iter", type=int, default=40, help="Steps per sweep.")
     parser.add_argument(
         "--per-class", type=int, default=48, help="Images copied per class."
@@ -294,6 +294,7 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     arguments = parse_arguments()
     work = arguments.output or Path(tempfile.mkdtemp(prefix="lrfinder-soak-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
 """Fault injection against real processes: every job ends, nothing is lost.
 
-Each test starts the servers it breaks (a private redis-server, Celery
-workers, the API under uvicorn), injects one fault (SIGKILL, SIGTERM, a
+Each test starts the servers it breaks: a private redis-server, Celery
+workers, the API under uvicorn. It injects one fault (SIGKILL, SIGTERM, a
 Redis restart, an API restart, out of memory, a cancellation, a spent time
-budget) and checks that the job reaches a final status with a reason and
-that the curves stored before the fault are still there. Short heartbeat
-settings make lost workers noticed within seconds.
+budget). Then it checks that the job reaches a final status with a reason
+and that the curves stored before the fault are still there. Short
+heartbeat settings make lost workers noticed within seconds.
 """
 
 # Fixtures imported from tests.stack share their names with test arguments.
@@ -313,8 +313,8 @@ def test_cancel_queued_and_running_jobs(
     assert (running.status, running.reason) == ("cancelled", "cancelled")
     # The flag is read before every step, and unwritten points wait for at
     # most one flush, so a stop within one step stores at most this many.
-    kept = store.count_points(running_id, "8-0")
-    assert points_at_cancel <= kept <= points_at_cancel + FLUSH_POINTS + 1
+    points_kept = store.count_points(running_id, "8-0")
+    assert points_at_cancel <= points_kept <= points_at_cancel + FLUSH_POINTS + 1
     assert running.runs[0].stop_reason == "cancelled"
 
 
