@@ -201,7 +201,14 @@ def draw_curve(
     raw = np.array([math.nan if v is None else v for v in losses], dtype=float)
     if show_raw and smoothing != "none" and len(raw):
         ax.plot(lrs, raw, color=color, alpha=0.25, linewidth=0.8)
-    (line,) = ax.plot(curve.lrs, curve.losses, color=color, label=label, linewidth=1.8)
+    (line,) = ax.plot(
+        curve.lrs,
+        curve.losses,
+        color=color,
+        label=label,
+        linewidth=1.8,
+        marker=lone_point_marker(len(curve.losses)),
+    )
     if suggestion is None and method is not None and len(curve.losses):
         suggestion = suggest(lrs, losses, method, mode=mode, smoothing=smoothing)
     mark_suggestion(ax, suggestion, line.get_color())
@@ -222,13 +229,22 @@ def draw_schedule(
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode {mode!r} is invalid: use 'exponential' or 'linear'")
     values = np.asarray(lrs, dtype=float)
-    ax.plot(np.arange(len(values)), values, label=label, color=color)
+    marker = lone_point_marker(len(values))
+    ax.plot(np.arange(len(values)), values, label=label, color=color, marker=marker)
     if (mode or infer_mode(values)) == "exponential":
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.grid(True, which="major", alpha=0.3)
     return ax
+
+
+def lone_point_marker(count: int) -> str:
+    """Return a dot marker for a line of one point, which draws nothing alone.
+
+    A running job's first flush can hold a single point per run.
+    """
+    return "." if count == 1 else ""
 
 
 def infer_mode(lrs: np.ndarray) -> str:
@@ -387,6 +403,10 @@ def finish_loss_axes(
     loss_kind = f"smoothed ({smoothing}, zero lag)" if smoothed else "raw"
     ax.set_title(f"Loss against learning rate, {loss_kind}")
     if not lines:
+        # group_by_batch_size drops curves without points, as in a queued job.
+        write_empty(ax, "no points recorded yet")
+        return
+    if not any(len(line) for line in lines):
         write_empty(ax, "no finite losses to draw")
         return
     limits = loss_limits(lines)
@@ -554,7 +574,11 @@ def batch_colors(batch_sizes: list[int]) -> dict[int, Any]:
 
 
 def write_empty(ax: Axes, message: str) -> None:
+    """Write ``message`` on empty axes, without ticks that would mean nothing."""
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.minorticks_off()
 
 
 def render(

@@ -17,10 +17,12 @@ from lrfinder.analysis import analyze_study, suggest
 from lrfinder.plots import (
     draw_curve,
     draw_schedule,
+    finish_loss_axes,
     group_by_batch_size,
     plot_batch_size_scaling,
     plot_loss_vs_lr,
     plot_lr_schedule,
+    write_empty,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -100,6 +102,46 @@ def test_plot_loss_vs_lr_unknown_method() -> None:
 def test_plot_loss_vs_lr_all_nan_curve() -> None:
     curve = {"batch_size": 8, "repeat": 0, "lr": [1e-3, 1e-2], "loss": [None, None]}
     assert decode(plot_loss_vs_lr([curve])).format == "PNG"
+
+
+def test_write_empty_removes_ticks() -> None:
+    ax = Figure().add_subplot()
+    write_empty(ax, "no points recorded yet")
+    assert list(ax.get_xticks()) == []
+    assert list(ax.get_yticks()) == []
+
+
+def test_finish_loss_axes_no_curves_says_no_points() -> None:
+    ax = Figure().add_subplot()
+    finish_loss_axes(ax, [], "exponential", "valley", True, "gaussian")
+    assert ax.texts[0].get_text() == "no points recorded yet"
+
+
+def test_finish_loss_axes_all_nan_says_no_finite_losses() -> None:
+    ax = Figure().add_subplot()
+    finish_loss_axes(ax, [np.array([])], "exponential", "valley", True, "gaussian")
+    assert ax.texts[0].get_text() == "no finite losses to draw"
+
+
+def test_draw_curve_single_point_has_marker() -> None:
+    ax = Figure().add_subplot()
+    draw_curve(ax, [1e-5], [0.7], label="batch size 8", method=None)
+    line = next(line for line in ax.lines if line.get_label() == "batch size 8")
+    assert line.get_marker() == "."
+
+
+def test_draw_curve_many_points_no_marker() -> None:
+    curve = recorded_curves()[0]
+    ax = Figure().add_subplot()
+    draw_curve(ax, curve["lr"], curve["loss"], label="batch size 8", method=None)
+    line = next(line for line in ax.lines if line.get_label() == "batch size 8")
+    assert line.get_marker() in ("", "None")
+
+
+def test_draw_schedule_single_point_has_marker() -> None:
+    ax = Figure().add_subplot()
+    draw_schedule(ax, [1e-5])
+    assert ax.lines[0].get_marker() == "."
 
 
 def test_group_by_batch_size_subset_in_order() -> None:
