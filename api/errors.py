@@ -237,6 +237,7 @@ RANGE_ERROR_TYPES = frozenset(
         "int_from_float",
         "float_parsing",
         "float_type",
+        "finite_number",
     }
 )
 

@@ -24,7 +24,8 @@ WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN passes no bound check and would otherwise be reported as out of range.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(StrictModel):

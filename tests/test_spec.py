@@ -41,6 +41,13 @@ def test_spec_rejects_unknown_nested_field() -> None:
     assert ("sweep", "num_iters") in error_locations(caught.value)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_spec_non_finite_lr_is_not_finite_error(value: float) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(sweep={"end_lr": value}))
+    assert caught.value.errors()[0]["type"] == "finite_number"
+
+
 @pytest.mark.parametrize("batch_sizes", [[], [0], [4097], [8, 8], list(range(1, 18))])
 def test_spec_rejects_bad_batch_sizes(batch_sizes: list[int]) -> None:
     with pytest.raises(ValidationError) as caught:
