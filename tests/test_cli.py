@@ -122,6 +122,44 @@ def test_cli_spec_options_override_file(tmp_path: Path) -> None:
     assert spec.label == "from file"
 
 
+def spec_error(tmp_path: Path, spec: dict[str, Any]) -> str:
+    """Return the message build_spec raises for ``spec`` read from a file."""
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(cli.CommandError) as caught:
+        cli.build_spec(spec_file, {})
+    return str(caught.value)
+
+
+def test_build_spec_typo_suggests_field(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, {"dataset": {"name": "photos", "image_sise": 32}})
+    assert "dataset.image_sise" in message
+    assert "did you mean 'image_size'?" in message
+
+
+def test_build_spec_unknown_field_lists_known(tmp_path: Path) -> None:
+    message = spec_error(tmp_path, {"dataset": {"name": "photos"}, "zzz": 1})
+    assert "unknown field 'zzz'." in message
+    assert "batch_sizes" in message
+
+
+def test_build_spec_out_of_range_shows_value(tmp_path: Path) -> None:
+    spec = {"dataset": {"name": "photos", "image_size": 3}, "batch_sizes": [8]}
+    message = spec_error(tmp_path, spec)
+    assert "dataset.image_size (--image-size): 3 is invalid:" in message
+
+
+def test_build_spec_section_error_omits_section_value(tmp_path: Path) -> None:
+    spec = {
+        "dataset": {"name": "photos"},
+        "batch_sizes": [8],
+        "sweep": {"start_lr": 1.0, "end_lr": 0.1},
+    }
+    message = spec_error(tmp_path, spec)
+    assert "end_lr=0.1 must be greater than start_lr=1.0" in message
+    assert "{" not in message
+
+
 # -- lrfinder run, no server -------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -338,11 +340,44 @@ def describe_validation_error(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "spec"
         option = OPTION_OF_FIELD.get(field)
         where = f"{field} ({option})" if option else field
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "missing" and field == "dataset":
-            message = "missing: give --dataset NAME (or --data FOLDER for `run`)"
-        lines.append(f"  {where}: {message}")
+        lines.append(f"  {where}: {describe_error_item(item, field)}")
     return "\n".join(lines)
+
+
+def describe_error_item(item: Mapping[str, Any], field: str) -> str:
+    """Describe one pydantic error, with the rejected value where it helps."""
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if item["type"] == "missing" and field == "dataset":
+        return "missing: give --dataset NAME (or --data FOLDER for `run`)"
+    if item["type"] == "missing":
+        return message
+    if item["type"] == "extra_forbidden":
+        return describe_unknown_field(item["loc"])
+    # Validators of this project already name the field and value, such as
+    # "batch_sizes[0]=-4 is invalid: ...".
+    if message.startswith(field.split(".")[-1]):
+        return message
+    # A whole section such as "sweep" fails checks across its fields, and
+    # the message already names them.
+    if isinstance(item["input"], (dict, list)):
+        return message
+    return f"{item['input']!r} is invalid: {message}"
+
+
+def describe_unknown_field(location: Sequence[int | str]) -> str:
+    """Name an unknown spec field and the closest known field of its parent."""
+    *parents, name = location
+    model: Any = JobSpec
+    for parent in parents:
+        model = model.model_fields[str(parent)].annotation
+    known = list(model.model_fields)
+    message = f"unknown field {str(name)!r}"
+    close = difflib.get_close_matches(str(name), known, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    else:
+        message += "."
+    return f"{message} Known fields: {', '.join(known)}"
 
 
 def spec_overrides(
