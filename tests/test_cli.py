@@ -180,6 +180,23 @@ def test_cli_run_writes_curves_and_plots(tmp_path: Path, photos_dir: Path) -> No
             assert image.format == "PNG", name
 
 
+def test_cli_run_out_is_file_fails_before_study(
+    tmp_path: Path, photos_dir: Path
+) -> None:
+    data = copy_subset(photos_dir, tmp_path / "pets", per_class=4)
+    out = tmp_path / "results.txt"
+    out.write_text("not a folder")
+    completed = lrfinder(
+        "run", "--data", str(data), "--model", "small_cnn", "--image-size", "32",
+        "--batch-sizes", "4", "--num-iter", "5", "--out", str(out),
+        env=service_env("redis://127.0.0.1:1/0"),
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "--out" in completed.stderr
+    assert "data:" not in completed.stdout + completed.stderr
+    assert_no_traceback(completed)
+
+
 def test_cli_run_without_dataset_is_usage_error(tmp_path: Path) -> None:
     completed = lrfinder(
         "run", "--batch-sizes", "8", env=service_env("redis://127.0.0.1:1/0")

@@ -300,6 +300,7 @@ def run(
         overrides["dataset.name"] = data.name
         settings = settings.model_copy(update={"data_root": data.parent})
     spec = build_spec(spec_file, overrides)
+    prepare_output_folder(out)
     result = run_local_study(spec, settings, device)
     try:
         written = write_study_outputs(spec, result, out)
@@ -309,6 +310,18 @@ def run(
     for path in written:
         output.print(f"wrote {path}", highlight=False)
     finish_local_study(result)
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create --out before the study, so that a bad path fails before the sweep."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(
+            f"--out {str(out)!r} is not a usable folder: {error}; "
+            "give a new or existing folder",
+            2,
+        ) from None
 
 
 def run_local_study(
