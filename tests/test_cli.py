@@ -303,6 +303,12 @@ def test_cli_list_shows_job(env: dict[str, str], job_id: str) -> None:
     assert job_id in listed
 
 
+def test_cli_list_table_shows_whole_id(env: dict[str, str], job_id: str) -> None:
+    completed = lrfinder("list", env={**env, "COLUMNS": "80"})
+    assert completed.returncode == 0, completed.stderr
+    assert job_id in completed.stdout
+
+
 def test_cli_models_lists_small_cnn(env: dict[str, str]) -> None:
     completed = lrfinder("models", env=env)
     assert completed.returncode == 0, completed.stderr

@@ -56,6 +56,9 @@ from lrfinder.cli.progress import RunBars
 from lrfinder.client import PLOT_KINDS, Client
 from lrfinder.jobs import Job, RunState
 
+# Job ids are 32 hexadecimal digits (a UUID4 without dashes).
+JOB_ID_LENGTH = 32
+
 
 @contextmanager
 def connect(server: str | None, api_key: str | None) -> Iterator[Client]:
@@ -295,9 +298,10 @@ def list_jobs(
         print_json(page.model_dump(mode="json"))
         return
     table = Table(title=f"jobs {offset + 1}-{offset + len(page.jobs)} of {page.total}")
+    # The id is what the other commands take, so it must never be cut short.
+    table.add_column("id", no_wrap=True, min_width=JOB_ID_LENGTH)
+    table.add_column("status", no_wrap=True)
     for column in (
-        "id",
-        "status",
         "created",
         "model",
         "dataset",
