@@ -429,7 +429,12 @@ def _resolve_device(
     model_device = first.device if first is not None else torch.device("cpu")
     if device is None:
         return model_device
-    target = torch.device(device)
+    target = _parse_device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(target)!r} is not available: this PyTorch finds no CUDA "
+            "device; use device='cpu', or leave device=None for the model's device"
+        )
     if first is not None and not _same_device(model_device, target):
         raise ValueError(
             f"device={str(target)!r} but the model's parameters are on "
@@ -437,6 +442,16 @@ def _resolve_device(
             "the sweep, or leave device=None"
         )
     return target
+
+
+def _parse_device(device: torch.device | str) -> torch.device:
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device={device!r} is invalid: use 'cpu', 'cuda', 'cuda:N' or a "
+            "torch.device"
+        ) from None
 
 
 def _same_device(first: torch.device, second: torch.device) -> bool:

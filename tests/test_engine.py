@@ -417,6 +417,17 @@ def test_range_test_invalid_option(option: str, value: Any) -> None:
         sweep(make_classifier(), make_batches(3), **{option: value})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_range_test_cuda_without_gpu_says_unavailable() -> None:
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        sweep(make_classifier(), make_batches(3), device="cuda")
+
+
+def test_range_test_unknown_device_is_value_error() -> None:
+    with pytest.raises(ValueError, match="device='tpu' is invalid"):
+        sweep(make_classifier(), make_batches(3), device="tpu")
+
+
 def test_range_test_val_loader_without_batches() -> None:
     with pytest.raises(ValueError, match="val_batches=0"):
         sweep(make_classifier(), make_batches(3), val_loader=make_batches(2))
