@@ -37,6 +37,8 @@ FORMATS = ("png", "svg")
 # Share of the loss range left above the highest loss before each minimum. The
 # diverged tail above that is cut off so that the valley stays readable.
 HEADROOM = 0.15
+# Marks the smoothed loss lines that draw_curve draws, whose values fit the y axis.
+LOSS_LINE_ID = "lrfinder-smoothed-loss"
 _RENDER_LOCK = threading.Lock()
 
 
@@ -198,9 +200,6 @@ def draw_curve(
         The axes.
     """
     curve = prepare_curve(lrs, losses, mode=mode, smoothing=smoothing)
-    raw = np.array([math.nan if v is None else v for v in losses], dtype=float)
-    if show_raw and smoothing != "none" and len(raw):
-        ax.plot(lrs, raw, color=color, alpha=0.25, linewidth=0.8)
     (line,) = ax.plot(
         curve.lrs,
         curve.losses,
@@ -208,7 +207,17 @@ def draw_curve(
         label=label,
         linewidth=1.8,
         marker=lone_point_marker(len(curve.losses)),
+        gid=LOSS_LINE_ID,
     )
+    # The raw losses go behind in the smoothed line's color, which the axes'
+    # color cycle picked when ``color`` is None.
+    raw = np.array([math.nan if v is None else v for v in losses], dtype=float)
+    if show_raw and smoothing != "none" and len(raw):
+        behind = line.get_zorder() - 0.5
+        ax.plot(
+            lrs, raw, color=line.get_color(), alpha=0.25, linewidth=0.8, zorder=behind
+        )
+    fit_loss_axis(ax)
     if suggestion is None and method is not None and len(curve.losses):
         suggestion = suggest(lrs, losses, method, mode=mode, smoothing=smoothing)
     mark_suggestion(ax, suggestion, line.get_color())
@@ -429,6 +438,21 @@ def suggestion_handle() -> Line2D:
         markeredgecolor="black",
         linestyle="none",
     )
+
+
+def fit_loss_axis(ax: Axes) -> None:
+    """Fit the y axis to the loss curves that ``draw_curve`` drew on ``ax``.
+
+    Without this, the diverging tail of a sweep flattens the descent.
+    """
+    lines = [
+        np.asarray(line.get_ydata(), dtype=float)
+        for line in ax.lines
+        if line.get_gid() == LOSS_LINE_ID
+    ]
+    limits = loss_limits(lines)
+    if limits is not None:
+        ax.set_ylim(*limits)
 
 
 def loss_limits(lines: list[np.ndarray]) -> tuple[float, float] | None:

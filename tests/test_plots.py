@@ -215,6 +215,27 @@ def test_draw_curve_log_x_axis() -> None:
     assert ax.get_xscale() == "log"
 
 
+def test_draw_curve_raw_line_shares_color() -> None:
+    curve = recorded_curves()[0]
+    ax = Figure().add_subplot()
+    draw_curve(ax, curve["lr"], curve["loss"], label="sweep", method=None)
+    smoothed = next(line for line in ax.lines if line.get_label() == "sweep")
+    raw = next(line for line in ax.lines if line is not smoothed)
+    assert raw.get_color() == smoothed.get_color()
+
+
+def test_draw_curve_diverged_tail_cut_off() -> None:
+    lrs = list(np.geomspace(1e-6, 10, 60))
+    losses = [1.0 - 0.005 * step for step in range(50)] + [
+        10.0**step for step in range(1, 11)
+    ]
+    ax = Figure().add_subplot()
+    draw_curve(ax, lrs, losses, method=None)
+    bottom, top = ax.get_ylim()
+    assert top < 2.0
+    assert bottom < 1.0
+
+
 def test_draw_schedule_exponential_log_y() -> None:
     ax = Figure().add_subplot()
     draw_schedule(ax, list(np.geomspace(1e-7, 10, 50)))
