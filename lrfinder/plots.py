@@ -285,7 +285,7 @@ def draw_single(
         ax,
         curve["lr"],
         curve["loss"],
-        label=curve_label(batch_size, method, found),
+        label=curve_label(batch_size, method, found, curve.get("status")),
         color=color,
         suggestion=found,
         method=None,
@@ -355,8 +355,16 @@ def draw_band(
     return [median, lower, upper]
 
 
-def curve_label(batch_size: int, method: str | None, found: Suggestion | None) -> str:
+def curve_label(
+    batch_size: int,
+    method: str | None,
+    found: Suggestion | None,
+    status: str | None = None,
+) -> str:
     label = f"batch size {batch_size}"
+    # A running, cancelled or failed run's curve stops short of end_lr.
+    if status not in (None, "succeeded"):
+        label += f" ({status})"
     if method is None or found is None:
         return label
     if found.lr is None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from lrfinder.analysis import analyze_study, suggest
 from lrfinder.plots import (
+    curve_label,
     draw_curve,
     draw_schedule,
     finish_loss_axes,
@@ -234,6 +235,14 @@ def test_draw_curve_diverged_tail_cut_off() -> None:
     bottom, top = ax.get_ylim()
     assert top < 2.0
     assert bottom < 1.0
+
+
+def test_curve_label_names_unfinished_status() -> None:
+    assert curve_label(16, None, None, "cancelled") == "batch size 16 (cancelled)"
+
+
+def test_curve_label_succeeded_has_no_status() -> None:
+    assert curve_label(16, None, None, "succeeded") == "batch size 16"
 
 
 def test_draw_schedule_exponential_log_y() -> None:
