@@ -1,4 +1,4 @@
-"""Periodic work of the API process: reaping jobs whose worker went silent.
+"""Periodic work of the API process: reaping jobs whose worker or message is lost.
 
 Workers reap lost jobs too, but a job must not stay running forever when no
 worker is alive, so the API runs the same ``lrfinder.reaper.Reaper`` as a
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 async def reap_forever(reaper: Reaper, interval_s: float) -> None:
-    """Sweep for lost jobs every ``interval_s`` seconds until cancelled."""
+    """Sweep for lost jobs and messages every ``interval_s`` seconds until cancelled."""
     redis_down = False
     while True:
         try:
