@@ -61,7 +61,9 @@ class Settings(BaseSettings):
         description="'keys' requires API keys; 'none' is a single-user mode, loopback only.",
     )
     api_host: str = Field("127.0.0.1", description="Address `lrfinder serve` binds.")
-    api_port: int = Field(8000, description="Port `lrfinder serve` binds.")
+    api_port: int = Field(
+        8000, ge=1, le=65535, description="Port `lrfinder serve` binds."
+    )
     max_body_bytes: int = Field(64 * 1024, gt=0, description="Largest request body, bytes.")
     max_active_jobs: int = Field(4, ge=1, description="Queued plus running jobs per key.")
     submissions_per_minute: int = Field(30, ge=1, description="Job submissions per key per minute.")

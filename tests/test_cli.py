@@ -206,6 +206,14 @@ def test_cli_run_without_dataset_is_usage_error(tmp_path: Path) -> None:
     assert_no_traceback(completed)
 
 
+def test_cli_invalid_setting_names_variable() -> None:
+    env = service_env("redis://127.0.0.1:1/0", extra={"LRFINDER_API_PORT": "abc"})
+    completed = lrfinder("serve", env=env)
+    assert completed.returncode == 2
+    assert "LRFINDER_API_PORT='abc'" in completed.stderr
+    assert_no_traceback(completed)
+
+
 # -- the service's commands --------------------------------------------------------
 
 

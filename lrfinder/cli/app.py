@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -55,6 +56,19 @@ def main() -> None:
         fail(str(error), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except ValidationError as error:
+        if error.title != "Settings":
+            raise
+        fail(describe_settings_error(error), 2)
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """Name each invalid LRFINDER_ environment variable, its value and the rule."""
+    lines = ["the configuration in the environment is invalid:"]
+    for item in error.errors():
+        name = "LRFINDER_" + "_".join(str(part) for part in item["loc"]).upper()
+        lines.append(f"  {name}={item['input']!r}: {item['msg']}")
+    return "\n".join(lines)
 
 
 def fail(message: str, exit_code: int) -> None:
