@@ -8,6 +8,7 @@ rejected.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,11 +162,14 @@ def list_models() -> list[str]:
 def check_model(name: str) -> None:
     """Raise CatalogError unless ``name`` is a model this server runs."""
     if name not in BUILTIN_MODELS and name not in TORCHVISION_CLASSIFICATION_MODELS:
+        names = list_models()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
         raise CatalogError(
             "model.name",
             name,
-            f"model.name {name!r} is not a known model; valid names: "
-            + ", ".join(list_models()),
+            f"model.name {name!r} is not a known model{hint} Valid names: "
+            + ", ".join(names),
         )
 
 

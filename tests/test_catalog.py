@@ -31,6 +31,12 @@ def test_check_model_lists_valid_names() -> None:
     assert "resnet18" in caught.value.message
 
 
+def test_check_model_suggests_close_name() -> None:
+    with pytest.raises(catalog.CatalogError) as caught:
+        catalog.check_model("resnet19")
+    assert "did you mean 'resnet18'?" in caught.value.message
+
+
 def test_catalog_lists_image_folder_with_counts(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "pets", {"cats": 3, "dogs": 2})
     entries = {entry.name: entry for entry in catalog.list_datasets(tmp_path)}

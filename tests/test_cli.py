@@ -197,6 +197,21 @@ def test_cli_run_out_is_file_fails_before_study(
     assert_no_traceback(completed)
 
 
+def test_cli_run_unknown_model_is_usage_error(
+    tmp_path: Path, photos_dir: Path
+) -> None:
+    data = copy_subset(photos_dir, tmp_path / "pets", per_class=4)
+    completed = lrfinder(
+        "run", "--data", str(data), "--model", "resnet19", "--batch-sizes", "4",
+        "--out", str(tmp_path / "out"),
+        env=service_env("redis://127.0.0.1:1/0"),
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "did you mean 'resnet18'?" in completed.stderr
+    assert "data:" not in completed.stdout + completed.stderr
+    assert_no_traceback(completed)
+
+
 def test_cli_run_without_dataset_is_usage_error(tmp_path: Path) -> None:
     completed = lrfinder(
         "run", "--batch-sizes", "8", env=service_env("redis://127.0.0.1:1/0")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
+from lrfinder.catalog import CatalogError, check_model
 from lrfinder.cli.app import CommandError, app, messages, output
 from lrfinder.cli.options import (
     SPEC_PANEL,
@@ -300,6 +301,7 @@ def run(
         overrides["dataset.name"] = data.name
         settings = settings.model_copy(update={"data_root": data.parent})
     spec = build_spec(spec_file, overrides)
+    check_model_name(spec.model.name)
     prepare_output_folder(out)
     result = run_local_study(spec, settings, device)
     try:
@@ -310,6 +312,15 @@ def run(
     for path in written:
         output.print(f"wrote {path}", highlight=False)
     finish_local_study(result)
+
+
+def check_model_name(name: str) -> None:
+    """Reject an unknown model before the data loads and the bars appear."""
+    try:
+        check_model(name)
+    except CatalogError as error:
+        message = f"{error.message} (`lrfinder models` lists them)"
+        raise CommandError(message, 2) from None
 
 
 def prepare_output_folder(out: Path) -> None:
