@@ -170,13 +170,19 @@ def finished_run_suggestions(
     return found
 
 
-def analyze(job: Job, curves: list[Curve]) -> dict[str, Any]:
-    """Run the study analysis of lrfinder.analysis on the job's curves."""
+def analyze(
+    job: Job, curves: list[Curve], gradient_noise: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the study analysis of lrfinder.analysis on the job's curves.
+
+    ``gradient_noise`` is the study's measurement as the worker stored it.
+    """
     from lrfinder import analysis
 
     return analysis.analyze_study(
         [curve.model_dump(mode="json") for curve in curves],
         mode=job.spec.sweep.mode,
+        gradient_noise=gradient_noise,
         # A frozen body runs in eval mode, so its BatchNorm statistics are fixed.
         model_has_batchnorm=model_has_batchnorm(job.spec.model.name)
         and not job.spec.model.freeze,

@@ -10,7 +10,8 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
 
     job:{id}                hash: spec (JSON), status, owner, created_at,
                             started_at, finished_at, worker, device, reason,
-                            error, attempts, partial ("1"/"0"), data (JSON);
+                            error, attempts, partial ("1"/"0"), data (JSON),
+                            gradient_noise (JSON, the study's measurement);
                             a field that is None is absent
     job:{id}:runs           hash: run name -> RunState JSON
     job:{id}:points:{run}   list of Point JSON, appended in batches
@@ -21,6 +22,10 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
                             settings.heartbeat_timeout_s unless refreshed
     job:{id}:lock           string: token of the execution that holds the job,
                             set with NX and PX settings.heartbeat_timeout_s
+    job:{id}:lock:{run}     the same for one run of a fan-out job, whose runs
+                            are separate tasks; their executions all refresh
+                            job:{id}:heartbeat, so the job is lost only when
+                            every one of them went silent
     jobs                    sorted set: job id scored by created_at
     jobs:owner:{owner}      sorted set: the same, per owner
     jobs:running            sorted set: running job ids scored by the start
@@ -526,11 +531,22 @@ class Store:
         status: str,
         stop_reason: str,
         error: str | None = None,
+        *,
+        names: Iterable[str] | None = None,
+        unfinished: Sequence[str] = ("pending", "running"),
     ) -> list[str]:
-        """Give every pending or running run a final status; return their names."""
+        """Give unfinished runs a final status; return their names.
+
+        Args:
+            names: The runs to consider; default every run of the job.
+            unfinished: The run statuses that are closed.
+        """
         closed = []
+        wanted = None if names is None else set(names)
         for name, state in self.get_runs(job_id).items():
-            if state.status not in ("pending", "running"):
+            if state.status not in unfinished:
+                continue
+            if wanted is not None and name not in wanted:
                 continue
             state.status = status  # type: ignore[assignment]
             state.stop_reason = stop_reason  # type: ignore[assignment]
@@ -541,6 +557,15 @@ class Store:
 
     def set_data_report(self, job_id: str, report: DataReport) -> None:
         self.client.hset(self.job_key(job_id), "data", report.model_dump_json())
+
+    def set_gradient_noise(self, job_id: str, report: dict[str, Any]) -> None:
+        """Store the study's gradient noise measurement (or its error) on the job."""
+        self.client.hset(self.job_key(job_id), "gradient_noise", json.dumps(report))
+
+    def get_gradient_noise(self, job_id: str) -> dict[str, Any] | None:
+        """Return the job's gradient noise measurement, or None when none was stored."""
+        text = self.client.hget(self.job_key(job_id), "gradient_noise")
+        return json.loads(text) if text else None
 
     # Events.
 
@@ -713,6 +738,126 @@ class Store:
         self._add_event(pipe, job_id, "status", event)
         self._add_event(pipe, job_id, "end", event)
         self._expire_job_keys(pipe, job_id, "events")
+
+    # Fan-out jobs: each run is a task of its own.
+
+    def start_fan_out_run(
+        self,
+        job_id: str,
+        run_name: str,
+        *,
+        worker: str,
+        device: str,
+        max_attempts: int,
+    ) -> str:
+        """Mark a fan-out job running for one of its runs; the caller holds the run's lock.
+
+        Returns "running" when the run may start, "skipped" when the run has
+        already ended, or the job's status when it must not run: a final
+        status, or "failed" when its executions reached ``max_attempts``.
+        The first run to start counts the job's attempt and moves it from
+        queued to running; the others leave the job as it is.
+        """
+
+        def transition(pipe: Any) -> str:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if not fields:
+                raise StoreError(f"job {job_id!r} not found")
+            status = fields["status"]
+            if status in FINAL_JOB_STATUSES:
+                return status
+            text = pipe.hget(self.job_key(job_id, "runs"), run_name)
+            if text is None or RunState.model_validate_json(text).status not in (
+                "pending",
+                "running",
+            ):
+                return "skipped"
+            if status == "running":
+                pipe.multi()
+                self._add_run_start(pipe, job_id, run_name, worker, device)
+                return "running"
+            return self._start_fan_out(
+                pipe, job_id, fields, run_name, worker, device, max_attempts
+            )
+
+        return self.client.transaction(
+            transition,
+            self.job_key(job_id),
+            self.job_key(job_id, "runs"),
+            value_from_callable=True,
+        )
+
+    def _start_fan_out(
+        self,
+        pipe: Any,
+        job_id: str,
+        fields: dict[str, str],
+        run_name: str,
+        worker: str,
+        device: str,
+        max_attempts: int,
+    ) -> str:
+        if int(fields.get("attempts", "0")) >= max_attempts:
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            pipe.multi()
+            self._fail_lost(pipe, job_id, fields, runs)
+            return "failed"
+        pipe.multi()
+        self._start(pipe, job_id, fields, worker, device)
+        self._add_run_start(pipe, job_id, run_name, worker, device)
+        return "running"
+
+    def _add_run_start(
+        self, pipe: Any, job_id: str, run_name: str, worker: str, device: str
+    ) -> None:
+        # Written as a status event so that readers see which worker ran
+        # which run of a fan-out job.
+        event = {
+            "status": "running",
+            "run": run_name,
+            "worker": worker,
+            "device": device,
+        }
+        self._add_event(pipe, job_id, "status", event)
+        # Every run's execution refreshes the job's heartbeat; this first
+        # beat keeps the reaper off the job before the run's heartbeat
+        # thread starts.
+        value = json.dumps({"worker": worker, "time": _now()})
+        timeout_ms = int(self.heartbeat_timeout_s * 1000)
+        pipe.set(self.job_key(job_id, "heartbeat"), value, px=timeout_ms)
+
+    def conclude_fan_out(self, job_id: str) -> str | None:
+        """Give a fan-out job its final status once every run has ended.
+
+        The transaction watches the job and its runs, so of the executions
+        that end the last runs at the same time exactly one sets the status.
+
+        Returns:
+            The final status this call set, or None when a run is still
+            pending or running, or the job already had a final status.
+        """
+
+        def transition(pipe: Any) -> str | None:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if not fields or fields["status"] in FINAL_JOB_STATUSES:
+                return None
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            states = [RunState.model_validate_json(text) for text in runs.values()]
+            if any(state.status in ("pending", "running") for state in states):
+                return None
+            cancelled = pipe.exists(self.job_key(job_id, "cancel"))
+            status, reason, error, partial = _fan_out_outcome(states, bool(cancelled))
+            pipe.multi()
+            self._finish(pipe, job_id, fields, status, reason, error, partial)
+            return status
+
+        return self.client.transaction(
+            transition,
+            self.job_key(job_id),
+            self.job_key(job_id, "runs"),
+            self.job_key(job_id, "cancel"),
+            value_from_callable=True,
+        )
 
     def requeue_job(self, job_id: str, *, reason: str, count_attempt: bool) -> bool:
         """Move a running job back to queued; return False unless it was running.
@@ -905,29 +1050,36 @@ class Store:
 
     # Lock and heartbeat of a running job.
 
-    def acquire_lock(self, job_id: str, token: str) -> bool:
-        """Take the job's execution lock; False when another execution holds it."""
-        timeout_ms = int(self.heartbeat_timeout_s * 1000)
-        return bool(
-            self.client.set(self.job_key(job_id, "lock"), token, nx=True, px=timeout_ms)
-        )
+    def lock_key(self, job_id: str, run_name: str | None = None) -> str:
+        """Return the lock of the job, or of one of its runs when fanned out."""
+        if run_name is None:
+            return self.job_key(job_id, "lock")
+        return self.job_key(job_id, "lock", run_name)
 
-    def refresh_lock(self, job_id: str, token: str) -> bool:
+    def acquire_lock(
+        self, job_id: str, token: str, run_name: str | None = None
+    ) -> bool:
+        """Take the job's (or run's) lock; False when another execution holds it."""
+        timeout_ms = int(self.heartbeat_timeout_s * 1000)
+        key = self.lock_key(job_id, run_name)
+        return bool(self.client.set(key, token, nx=True, px=timeout_ms))
+
+    def refresh_lock(
+        self, job_id: str, token: str, run_name: str | None = None
+    ) -> bool:
         """Extend the lock's lifetime; False when this execution lost it."""
         timeout_ms = int(self.heartbeat_timeout_s * 1000)
-        return bool(
-            self._refresh_lock(
-                keys=[self.job_key(job_id, "lock")], args=[token, timeout_ms]
-            )
-        )
+        key = self.lock_key(job_id, run_name)
+        return bool(self._refresh_lock(keys=[key], args=[token, timeout_ms]))
 
-    def release_lock(self, job_id: str, token: str) -> bool:
-        return bool(
-            self._release_lock(keys=[self.job_key(job_id, "lock")], args=[token])
-        )
+    def release_lock(
+        self, job_id: str, token: str, run_name: str | None = None
+    ) -> bool:
+        key = self.lock_key(job_id, run_name)
+        return bool(self._release_lock(keys=[key], args=[token]))
 
-    def lock_holder(self, job_id: str) -> str | None:
-        return self.client.get(self.job_key(job_id, "lock"))
+    def lock_holder(self, job_id: str, run_name: str | None = None) -> str | None:
+        return self.client.get(self.lock_key(job_id, run_name))
 
     def beat(self, job_id: str, worker: str) -> None:
         """Write the job's heartbeat; it expires after heartbeat_timeout_s."""
@@ -1001,6 +1153,26 @@ def _run_event(
     if reset:
         data["reset"] = True
     return data
+
+
+def _fan_out_outcome(
+    states: list[RunState], cancelled: bool
+) -> tuple[str, str | None, str | None, bool]:
+    """Return the status, reason, error and partial flag of an ended fan-out job."""
+    succeeded = [state for state in states if state.status == "succeeded"]
+    partial = len(succeeded) < len(states)
+    if cancelled:
+        return "cancelled", "cancelled", None, bool(succeeded)
+    if succeeded:
+        time_limit = any(state.stop_reason == "time_limit" for state in states)
+        return "succeeded", "time_limit" if time_limit else None, None, partial
+    details = "; ".join(
+        f"batch size {state.batch_size}: {state.stop_reason}"
+        + (f" ({state.error})" if state.error else "")
+        for state in states
+    )
+    reason = states[0].stop_reason if states else None
+    return "failed", reason or "error", f"no run succeeded: {details}", False
 
 
 def _lost_message(attempts: int) -> str:

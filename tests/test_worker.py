@@ -18,7 +18,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -28,8 +30,10 @@ from lrfinder.settings import Settings
 from lrfinder.spec import JobSpec, RunKey
 from lrfinder.store import Store
 from tests.stack import (  # noqa: F401
+    ApiServer,
     RedisServer,
     Service,
+    api_service,
     free_port,
     is_final,
     redis_service,
@@ -75,6 +79,11 @@ class FakeRunResult:
     feature_cache: bool = False
 
 
+@dataclass
+class FakeStudyResult:
+    gradient_noise: dict[str, Any] | None = None
+
+
 def make_point(step: int) -> Point:
     return Point(
         step=step,
@@ -97,6 +106,7 @@ class FakeStudy:
     on_step: Callable[[RunKey, int], None] | None = None
     failing: tuple[int, ...] = ()
     error: Exception | None = None
+    gradient_noise: dict[str, Any] | None = None
     calls: list[list[str]] = field(default_factory=list)
 
     def __call__(
@@ -107,12 +117,13 @@ class FakeStudy:
         runs: list[RunKey],
         hooks: RedisHooks,
         device: str,
-    ) -> None:
+    ) -> FakeStudyResult:
         self.calls.append([key.name for key in runs])
         if self.error is not None:
             raise self.error
         for key in runs:
             self._run(key, hooks)
+        return FakeStudyResult(gradient_noise=self.gradient_noise)
 
     def _run(self, key: RunKey, hooks: RedisHooks) -> None:
         hooks.on_run_start(key)
@@ -400,6 +411,36 @@ def test_execution_succeeds_with_all_runs(store: Store) -> None:
     assert store.count_points(job.id, "8-0") == STEPS
     assert done.worker is not None
     assert done.attempts == 1
+
+
+NOISE_REPORT = {
+    "batches": [{"batch_size": 8, "squared_norms": [2.0, 3.0]}],
+    "large_batch": {"batch_size": 16, "squared_norm": 1.5},
+}
+
+
+def test_execution_stores_gradient_noise(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy(gradient_noise=NOISE_REPORT))
+    assert store.get_gradient_noise(job.id) == NOISE_REPORT
+
+
+def test_execution_without_gradient_noise_stores_none(store: Store) -> None:
+    job = store.create_job(SPEC)
+    execute(store, job.id, FakeStudy())
+    assert store.get_gradient_noise(job.id) is None
+
+
+def test_execution_stores_gradient_noise_when_cancelled(store: Store) -> None:
+    job = store.create_job(SPEC)
+
+    def cancel_at_step_one(key: RunKey, step: int) -> None:
+        if step == 1:
+            store.request_cancel(job.id)
+
+    study = FakeStudy(on_step=cancel_at_step_one, gradient_noise=NOISE_REPORT)
+    assert execute(store, job.id, study).outcome == "cancelled"
+    assert store.get_gradient_noise(job.id) == NOISE_REPORT
 
 
 def test_execution_releases_lock(store: Store) -> None:
@@ -906,6 +947,33 @@ def test_worker_runs_study_on_photos(
             point.loss is not None and math.isfinite(point.loss)
             for point in points[:-1]
         ), run
+
+
+@pytest.mark.slow
+def test_worker_gradient_noise_reaches_analysis(
+    store: Store,
+    api_service: ApiServer,
+    worker_service: Service,
+    show_logs_on_failure: list[Service],
+) -> None:
+    show_logs_on_failure.extend([worker_service, api_service])
+    spec = PHOTOS_SPEC.model_copy(
+        update={
+            "gradient_noise": True,
+            "sweep": PHOTOS_SPEC.sweep.model_copy(update={"num_iter": 10}),
+        }
+    )
+    reply = httpx.post(
+        f"{api_service.base_url}/v1/jobs", json=spec.model_dump(mode="json")
+    )
+    assert reply.status_code == 202, reply.text
+    job_id = reply.json()["id"]
+    done = wait_for_job(store, job_id, is_final, services=(worker_service,))
+    assert done.status == "succeeded", done.error
+    analysis = httpx.get(f"{api_service.base_url}/v1/jobs/{job_id}/analysis").json()
+    noise = analysis["gradient_noise"]
+    assert noise is not None, analysis["warnings"]
+    assert noise.get("b_simple") is not None or noise.get("reason"), noise
 
 
 @pytest.mark.slow

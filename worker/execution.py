@@ -69,12 +69,18 @@ class JobHeartbeat:
     """
 
     def __init__(
-        self, store: Store, job_id: str, token: str, interval_s: float
+        self,
+        store: Store,
+        job_id: str,
+        token: str,
+        interval_s: float,
+        run_name: str | None = None,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.token = token
         self.interval_s = interval_s
+        self.run_name = run_name
         self.lock_lost = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -99,9 +105,9 @@ class JobHeartbeat:
     def beat(self) -> None:
         """Write the heartbeat and extend the lock, retaking it if it expired."""
         self.store.beat(self.job_id, worker_name())
-        if self.store.refresh_lock(self.job_id, self.token):
+        if self.store.refresh_lock(self.job_id, self.token, self.run_name):
             return
-        if self.store.acquire_lock(self.job_id, self.token):
+        if self.store.acquire_lock(self.job_id, self.token, self.run_name):
             logger.warning("job %s: lock had expired; retook it", self.job_id)
             return
         logger.error("job %s: lock taken by another execution; stopping", self.job_id)
@@ -241,9 +247,10 @@ class JobExecution:
         self, job: Job, todo: list[RunKey], hooks: RedisHooks, device: str
     ) -> str:
         try:
-            self.run_study(
+            result = self.run_study(
                 job.spec, settings=self.settings, runs=todo, hooks=hooks, device=device
             )
+            self._keep_gradient_noise(result, hooks.stop)
         except self.study_error as error:
             return self._fail(getattr(error, "code", "error"), _study_message(error))
         except redis.RedisError as error:
@@ -261,6 +268,13 @@ class JobExecution:
             )
             return self._fail("error", f"{type(error).__name__}: {error}")
         return self._conclude(hooks.stop)
+
+    def _keep_gradient_noise(self, result: Any, stop: StopConditions) -> None:
+        # Only the execution that ran the job's first run measured the noise;
+        # an execution that lost its lock must write nothing.
+        report = getattr(result, "gradient_noise", None)
+        if report is not None and not stop.lock_lost.is_set():
+            self.store.set_gradient_noise(self.job_id, report)
 
     def _fail(self, reason: str, message: str) -> str:
         logger.error("job %s: failed: %s: %s", self.job_id, reason, message)

@@ -230,7 +230,7 @@ def get_analysis(
     """Analyse the study: suggestions per batch size, noise and scaling fits."""
     job = load_visible_job(store, principal, job_id)
     curves, _ = build_curves(store, job, "valley", cache)
-    return analyze(job, curves)
+    return analyze(job, curves, store.get_gradient_noise(job.id))
 
 
 @router.post(
