@@ -212,6 +212,16 @@ def test_cli_run_unknown_model_is_usage_error(
     assert_no_traceback(completed)
 
 
+def test_cli_run_data_root_folder_is_usage_error(tmp_path: Path) -> None:
+    completed = lrfinder(
+        "run", "--data", "/", "--batch-sizes", "4", "--out", str(tmp_path / "out"),
+        env=service_env("redis://127.0.0.1:1/0"),
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "--data '/' is invalid" in completed.stderr
+    assert_no_traceback(completed)
+
+
 def test_cli_run_without_dataset_is_usage_error(tmp_path: Path) -> None:
     completed = lrfinder(
         "run", "--batch-sizes", "8", env=service_env("redis://127.0.0.1:1/0")

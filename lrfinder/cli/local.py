@@ -298,6 +298,12 @@ def run(
     settings = get_settings()
     if data is not None:
         data = data.resolve()
+        if not data.name:
+            raise CommandError(
+                f"--data {str(data)!r} is invalid: give an image folder with one "
+                "sub-folder per class, not the file system root",
+                2,
+            )
         overrides["dataset.name"] = data.name
         settings = settings.model_copy(update={"data_root": data.parent})
     spec = build_spec(spec_file, overrides)
