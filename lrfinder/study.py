@@ -183,6 +183,13 @@ def resolve_device(name: str) -> torch.device:
             "device_unavailable",
             f"device {name!r} is not available on this worker: no CUDA device found",
         )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise StudyError(
+            "device_unavailable",
+            f"device {name!r} is not available on this worker: it has "
+            f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}",
+        )
     return device
 
 

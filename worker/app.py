@@ -51,6 +51,22 @@ def create_app() -> Celery:
 app = create_app()
 
 
+@signals.worker_init.connect
+def _check_device(**_: Any) -> None:
+    # A worker on a device it cannot use would accept jobs only to fail each
+    # one, so it stops before it consumes anything. Celery logs and swallows
+    # exceptions from signal handlers, but lets SystemExit through.
+    from lrfinder.errors import StudyError
+    from lrfinder.study import resolve_device
+
+    device = get_settings().device
+    try:
+        resolve_device(device)
+    except StudyError as error:
+        logger.critical("worker not started: LRFINDER_DEVICE=%s: %s", device, error)
+        raise SystemExit(2) from None
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any, **_: Any) -> None:
     presence.start(sender.hostname, send_job=_send_job)

@@ -36,12 +36,14 @@ def worker_name() -> str:
 
 
 def resolve_device(setting: str) -> str:
-    """Return the torch device for a ``LRFINDER_DEVICE`` value ("auto": CUDA if any)."""
-    if setting != "auto":
-        return setting
-    import torch
+    """Return the torch device for a ``LRFINDER_DEVICE`` value ("auto": CUDA if any).
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    Raises:
+        StudyError: ``device_invalid`` or ``device_unavailable``.
+    """
+    from lrfinder.study import resolve_device as resolve_torch_device
+
+    return str(resolve_torch_device(setting))
 
 
 def time_limit_s(job: Job, settings: Settings) -> float:
