@@ -12,7 +12,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_BATCH_SIZE = 4096
 MAX_BATCH_SIZES = 16
@@ -213,7 +220,7 @@ class JobSpec(StrictModel):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     dataset: DatasetSpec
-    batch_sizes: list[int] = Field(
+    batch_sizes: list[StrictInt] = Field(
         ...,
         min_length=1,
         max_length=MAX_BATCH_SIZES,

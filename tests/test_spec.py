@@ -117,3 +117,10 @@ def test_spec_rejects_dot_and_empty_components(name: str) -> None:
     with pytest.raises(ValidationError) as caught:
         JobSpec.model_validate(make_spec(dataset={"name": name}))
     assert ("dataset", "name") in error_locations(caught.value)
+
+
+@pytest.mark.parametrize("batch_size", [True, "16", 16.0])
+def test_spec_batch_sizes_must_be_integers(batch_size: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(batch_sizes=[batch_size]))
+    assert caught.value.errors()[0]["loc"][0] == "batch_sizes"
