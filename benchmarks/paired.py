@@ -39,9 +39,11 @@ def bare_turn(workload: Workload, images: torch.Tensor,
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def engine_turn(workload: Workload, settings: Settings) -> tuple[float, float]:
+def engine_turn(workload: Workload, settings: Settings,
+                compile_mode: str = "none") -> tuple[float, float]:
     """Return the wall and CPU seconds of one engine sweep, run setup excluded."""
-    options = argparse.Namespace(frozen=False, compile="none", feature_cache="auto")
+    options = argparse.Namespace(frozen=False, compile=compile_mode,
+                                 feature_cache="auto")
     cpu_started = time.process_time()
     result = run_study(build_spec(workload, options), settings=settings, device="cpu")
     cpu_seconds = time.process_time() - cpu_started
@@ -50,8 +52,9 @@ def engine_turn(workload: Workload, settings: Settings) -> tuple[float, float]:
 
 
 def pair(workload: Workload, images: torch.Tensor, labels: torch.Tensor,
-         settings: Settings, engine_first: bool) -> dict[str, float]:
-    turns = [lambda: engine_turn(workload, settings),
+         settings: Settings, engine_first: bool,
+         compile_mode: str) -> dict[str, float]:
+    turns = [lambda: engine_turn(workload, settings, compile_mode),
              lambda: bare_turn(workload, images, labels)]
     if engine_first:
         engine, bare = turns[0](), turns[1]()
@@ -73,9 +76,13 @@ def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
                                      num_iter=min(workload.num_iter, MAX_STEPS))
         # The first call decodes the photos into the cache; it is not timed.
         engine_turn(dataclasses.replace(single, num_iter=2), settings)
-        pairs[batch_size] = [pair(single, images, labels, settings, index % 2 == 1)
-                             for index in range(PAIRS)]
-    return summarize(pairs, workload)
+        pairs[batch_size] = [
+            pair(single, images, labels, settings, index % 2 == 1,
+                 arguments.compile)
+            for index in range(PAIRS)]
+    measurement = summarize(pairs, workload)
+    measurement.details["compile"] = arguments.compile
+    return measurement
 
 
 def summarize(pairs: dict[int, list[dict]], workload: Workload) -> Measurement:
@@ -96,5 +103,14 @@ def summarize(pairs: dict[int, list[dict]], workload: Workload) -> Measurement:
     )
 
 
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # torch_compile is left out: every run_study call would compile again.
+    options.add_argument("--compile", default="none",
+                         choices=("none", "channels_last"),
+                         help="runtime.compile of the engine's turns")
+    return options
+
+
 if __name__ == "__main__":
-    contender_main(measure)
+    contender_main(measure, parser())

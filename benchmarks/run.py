@@ -153,6 +153,9 @@ class Benchmark:
     def extra_paired(self) -> None:
         self.results["extras"]["paired"] = self.contender(
             "paired.py", "paired").to_dict()
+        self.results["extras"]["paired_channels_last"] = self.contender(
+            "paired.py", "paired-channels-last", "--compile", "channels_last"
+        ).to_dict()
 
     def extra_frozen(self) -> None:
         frozen = {}
