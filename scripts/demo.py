@@ -160,6 +160,7 @@ def run(data: Path | None, out: Path, image_size: int, num_iter: int) -> int:
     work = Path(tempfile.mkdtemp(prefix="lrfinder-demo-"))
     redis_port, api_port = free_port(), free_port()
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(
         LRFINDER_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         LRFINDER_DATA_ROOT=str(data.resolve().parent if data else work),
