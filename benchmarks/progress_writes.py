@@ -3,9 +3,9 @@
 Drives the worker's own ``RedisHooks`` through the workload's runs against a
 private ``redis-server``, with a clock that advances by the measured seconds
 per step of the compute-limit row instead of training. The hooks therefore
-flush exactly as often as in a real sweep (every 0.5 s or 20 points), and all
-the time they spend is the cost of progress writes: cancel-flag reads
-before each step, point batches, run starts and ends.
+flush exactly as often as in a real sweep (every 0.5 s or 20 points). All
+the time they spend counts as the cost of progress writes: cancel-flag
+reads before each step, point batches, run starts and ends.
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ def paired_targets(results: dict) -> list[tuple[str, str, bool | None]]:
 
 def compiled_targets(results: dict,
                      medians: dict) -> list[tuple[str, str, bool | None]]:
-    # NOTE: this divides one compiled run by the bare loop's median, so on a
-    # busy machine it mixes periods of different load; the paired rows above
-    # compare within one process.
+    # NOTE: this divides one compiled run by the bare loop's median. On a
+    # busy machine the two ran under different loads, so prefer the paired
+    # rows, which compare within one process.
     best = [compiled_ratio(results, medians, mode)
             for mode in ("channels_last", "torch_compile")]
     best = [value for value in best if value is not None]

@@ -5,8 +5,9 @@
 Rows, measured in turn in every repeat: (1) a bare PyTorch loop over decoded
 tensors, (2) the engine in-process, (3) the service end to end, (4)
 torch-lr-finder with an ImageFolder DataLoader and (5) fastai's ``lr_find``.
-Then, once each: the frozen-backbone feature cache, the compiled paths, the
-cost of progress writes, the API under load and the fan-out over two workers.
+Then, once each: the engine and the bare loop alternating in one process,
+the frozen-backbone feature cache, the compiled paths, the cost of progress
+writes, the API under load and the fan-out over two workers.
 Each contender runs in its own process. The report lists medians and their
 ratios to row (1) in ``bench-output/benchmarks.md``, with every measurement
 in ``bench-output/results.json``.

@@ -94,7 +94,7 @@ def quick_workload(photos: Path) -> Workload:
 
 @dataclass
 class Measurement:
-    """What one contender reports for one repeat.
+    """The record one contender reports for one repeat.
 
     ``seconds`` covers only the part a user waits for (see each contender's
     docstring). ``cpu_seconds`` is the CPU time (user and system, child
