@@ -855,3 +855,25 @@ def test_plot_without_marker(
         headers=headers,
     )
     assert response.status_code == 200
+
+
+def test_plot_schedule_honours_batch_sizes(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    url = f"/v1/jobs/{finished_job['id']}/plots/lr-schedule.svg"
+    both = client.get(url, headers=headers).content
+    one = client.get(f"{url}?batch_sizes=8", headers=headers).content
+    assert b"batch size 4" in both
+    assert b"batch size 4" not in one
+    assert b"batch size 8" in one
+
+
+def test_plot_scaling_without_method_is_400(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    response = client.get(
+        f"/v1/jobs/{finished_job['id']}/plots/batch-size-scaling.png?method=none",
+        headers=headers,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"][0]["field"] == "method"

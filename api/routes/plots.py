@@ -90,6 +90,9 @@ def render(
             curve_dicts, method=method, mode=mode, **options, **size
         )
     if name == "lr-schedule":
+        chosen = options.pop("batch_sizes")
+        if chosen is not None:
+            curve_dicts = [c for c in curve_dicts if c["batch_size"] in chosen]
         return plots.plot_lr_schedule(curve_dicts, mode=mode, **size)
     study = analyze(job, curves)
     return plots.plot_batch_size_scaling(study, method=method or "valley", **size)
@@ -134,8 +137,16 @@ async def get_plot(
         "height": height,
         "format": suffix,
     }
-    if name == "loss-vs-lr":
+    if name == "batch-size-scaling" and method == NO_MARKER:
+        raise invalid_option(
+            "method",
+            method,
+            "the batch-size scaling plot fits one suggestion method; "
+            "pick one such as 'valley'",
+        )
+    if name in ("loss-vs-lr", "lr-schedule"):
         options["batch_sizes"] = parse_batch_sizes(batch_sizes, job)
+    if name == "loss-vs-lr":
         options["smoothed"] = smoothed
         options["bands"] = bands
     image = await run_in_threadpool(render, store, job, name, options, cache)
