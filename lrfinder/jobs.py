@@ -63,7 +63,7 @@ class RunState(BaseModel):
 
 
 class DataReport(BaseModel):
-    """What the worker found in the dataset."""
+    """Counts of the images and classes the worker loaded, and of the files it skipped."""
 
     images: int = 0
     classes: list[str] = []
