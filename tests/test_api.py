@@ -22,10 +22,12 @@ from PIL import Image
 
 from api.curves import SUGGESTION_METHODS
 from api.main import create_app
+from api.routes.plots import parse_batch_sizes
 from lrfinder import analysis
-from lrfinder.jobs import Point, RunState
+from lrfinder.jobs import Job, Point, RunState
 from lrfinder.keys import create_key
 from lrfinder.settings import Settings
+from lrfinder.spec import JobSpec
 from lrfinder.store import Store
 from tests.stack import RedisServer, redis_server, redis_service, store, wait_until  # noqa: F401
 
@@ -866,6 +868,65 @@ def test_plot_schedule_honours_batch_sizes(
     assert b"batch size 4" in both
     assert b"batch size 4" not in one
     assert b"batch size 8" in one
+
+
+def test_plot_schedule_accepts_repeated_batch_sizes(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    url = f"/v1/jobs/{finished_job['id']}/plots/lr-schedule.svg"
+    image = client.get(f"{url}?batch_sizes=4&batch_sizes=8", headers=headers).content
+    assert b"batch size 4" in image
+    assert b"batch size 8" in image
+
+
+def test_plot_loss_accepts_repeated_batch_sizes(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    url = f"/v1/jobs/{finished_job['id']}/plots/loss-vs-lr.svg"
+    image = client.get(f"{url}?batch_sizes=4&batch_sizes=8", headers=headers).content
+    assert b"batch size 4" in image
+    assert b"batch size 8" in image
+
+
+def test_plot_repeated_batch_sizes_reject_unknown(
+    client: TestClient, headers: dict, finished_job: dict
+) -> None:
+    url = f"/v1/jobs/{finished_job['id']}/plots/loss-vs-lr.svg"
+    response = client.get(f"{url}?batch_sizes=8&batch_sizes=16", headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"][0]["field"] == "batch_sizes"
+    assert "16 is not a batch size" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["4,8"], [8, 4]),
+        (["4", "8"], [8, 4]),
+        (["8,4", "4"], [8, 4]),
+        (["4"], [4]),
+        ([" "], None),
+        (None, None),
+    ],
+)
+def test_parse_batch_sizes_unions_in_job_order(
+    values: list[str] | None, expected: list[int] | None
+) -> None:
+    spec = JobSpec.model_validate(VALID_SPEC)
+    job = Job(id="job", status="queued", spec=spec, created_at=0.0)
+    assert parse_batch_sizes(values, job) == expected
+
+
+def test_openapi_plot_batch_sizes_is_repeatable(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"][
+        "/v1/jobs/{job_id}/plots/{filename}"
+    ]["get"]
+    parameter = next(
+        item for item in operation["parameters"] if item["name"] == "batch_sizes"
+    )
+    schema = parameter["schema"]["anyOf"][0]
+    assert schema["type"] == "array"
+    assert "repeated" in parameter["description"]
 
 
 def test_plot_scaling_without_method_is_400(

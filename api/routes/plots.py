@@ -13,6 +13,7 @@ from api.deps import PrincipalDep, StoreDep
 from api.errors import ApiError, error_responses
 from api.routes.jobs import SuggestionCacheDep, load_visible_job
 from lrfinder.jobs import Job
+from lrfinder.spec import MAX_BATCH_SIZES
 from lrfinder.store import Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["plots"])
@@ -46,15 +47,21 @@ def invalid_option(field: str, value: Any, message: str) -> ApiError:
     )
 
 
-def parse_batch_sizes(text: str | None, job: Job) -> list[int] | None:
-    """Parse ``64,32`` into batch sizes of the job; 400 naming bad entries."""
-    if text is None or not text.strip():
+def parse_batch_sizes(values: list[str] | None, job: Job) -> list[int] | None:
+    """Parse ``64,32`` or repeated values into the job's batch sizes, in its order.
+
+    Raises a 400 naming the first entry that is not an integer or not a batch
+    size of the job; no value, or only empty ones, selects every batch size.
+    """
+    text = ",".join(values or [])
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
         return None
-    available = set(job.spec.batch_sizes)
-    chosen = []
-    for part in text.split(","):
+    available = job.spec.batch_sizes
+    chosen = set()
+    for part in parts:
         try:
-            batch_size = int(part.strip())
+            batch_size = int(part)
         except ValueError:
             raise invalid_option(
                 "batch_sizes", text, f"{part!r} is not an integer; use e.g. 64,32"
@@ -64,10 +71,10 @@ def parse_batch_sizes(text: str | None, job: Job) -> list[int] | None:
                 "batch_sizes",
                 text,
                 f"{batch_size} is not a batch size of this job; choose from "
-                + ",".join(str(size) for size in job.spec.batch_sizes),
+                + ",".join(str(size) for size in available),
             )
-        chosen.append(batch_size)
-    return chosen
+        chosen.add(batch_size)
+    return [size for size in available if size in chosen]
 
 
 def render(
@@ -113,7 +120,14 @@ async def get_plot(
     principal: PrincipalDep,
     cache: SuggestionCacheDep,
     batch_sizes: Annotated[
-        str | None, Query(max_length=200, description="Comma-separated, e.g. 64,32.")
+        list[str] | None,
+        Query(
+            max_length=MAX_BATCH_SIZES,
+            description=(
+                "Batch sizes to draw, comma-separated (64,32) or repeated "
+                "(batch_sizes=64&batch_sizes=32); default: all of the job's."
+            ),
+        ),
     ] = None,
     smoothed: bool = True,
     method: Annotated[
