@@ -10,6 +10,7 @@ runs silently with its default.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Literal
 
 from pydantic import (
@@ -74,6 +75,7 @@ class ModelSpec(StrictModel):
     def _check_weights(cls, value: str | None) -> str | None:
         if value is None or TORCHVISION_WEIGHTS_PATTERN.fullmatch(value):
             return value
+        check_printable(value, "model.weights")
         if not value.endswith(WEIGHTS_FILE_SUFFIXES):
             raise ValueError(
                 f"weights {value!r} is invalid: give a torchvision weights name "
@@ -246,6 +248,13 @@ class JobSpec(StrictModel):
     )
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
+    @field_validator("label")
+    @classmethod
+    def _check_label(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_printable(value, "label")
+        return value
+
     @field_validator("batch_sizes")
     @classmethod
     def _check_batch_sizes(cls, value: list[int]) -> list[int]:
@@ -294,8 +303,24 @@ class RunKey(StrictModel):
         return cls(batch_size=int(batch_size), repeat=int(repeat))
 
 
+def check_printable(value: str, field: str) -> None:
+    """Reject control characters (Unicode category Cc) in a user-supplied text.
+
+    Tabs, newlines, escape sequences and NUL would break log lines, CSV
+    exports and terminals that show the text, so none of them is allowed.
+    """
+    for index, character in enumerate(value):
+        if unicodedata.category(character) == "Cc":
+            raise ValueError(
+                f"{field} {value!r} is invalid: it contains the control character "
+                f"U+{ord(character):04X} at index {index}; remove control "
+                "characters such as tabs and newlines"
+            )
+
+
 def check_relative_path(value: str, field: str) -> None:
     """Reject absolute paths and parent references in a user-supplied path."""
+    check_printable(value, field)
     if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
         raise ValueError(
             f"{field} {value!r} is invalid: absolute paths are not allowed; "
@@ -312,5 +337,3 @@ def check_relative_path(value: str, field: str) -> None:
             f"{field} {value!r} is invalid: '..' is not allowed; "
             "name a path inside the server's root"
         )
-    if "\x00" in value:
-        raise ValueError(f"{field} contains a NUL character")

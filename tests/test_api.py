@@ -870,6 +870,24 @@ def test_plot_schedule_honours_batch_sizes(
     assert b"batch size 8" in one
 
 
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"label": "first\nsecond"}, "label"),
+        ({"label": "\x1b[31mred"}, "label"),
+        ({"dataset": {"name": "pets\t"}}, "dataset.name"),
+        ({"model": {"name": "small_cnn", "weights": "head\r.pt"}}, "model.weights"),
+    ],
+)
+def test_submit_control_character_is_422(
+    client: TestClient, headers: dict, changes: dict, field: str
+) -> None:
+    response = client.post("/v1/jobs", json={**VALID_SPEC, **changes}, headers=headers)
+    assert response.status_code == 422
+    assert list(fields_by_name(response)) == [field]
+    assert "control character" in fields_by_name(response)[field]["message"]
+
+
 def test_plot_schedule_accepts_repeated_batch_sizes(
     client: TestClient, headers: dict, finished_job: dict
 ) -> None:

@@ -124,3 +124,36 @@ def test_spec_batch_sizes_must_be_integers(batch_size: object) -> None:
     with pytest.raises(ValidationError) as caught:
         JobSpec.model_validate(make_spec(batch_sizes=[batch_size]))
     assert caught.value.errors()[0]["loc"][0] == "batch_sizes"
+
+
+CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x00", "\x1b", "\x7f", "\x85"]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS)
+def test_spec_rejects_control_character_in_label(character: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(label=f"run{character}one"))
+    assert error_locations(caught.value) == [("label",)]
+    assert f"U+{ord(character):04X}" in str(caught.value)
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS)
+def test_spec_rejects_control_character_in_dataset_name(character: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(dataset={"name": f"photos{character}"}))
+    assert error_locations(caught.value) == [("dataset", "name")]
+    assert "control character" in str(caught.value)
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS)
+def test_spec_rejects_control_character_in_weights(character: str) -> None:
+    model = {"name": "resnet18", "weights": f"resnet{character}.pt"}
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(make_spec(model=model))
+    assert error_locations(caught.value) == [("model", "weights")]
+    assert "control character" in str(caught.value)
+
+
+def test_spec_accepts_printable_unicode_label() -> None:
+    spec = JobSpec.model_validate(make_spec(label="Größe – 猫 🐶 v2"))
+    assert spec.label == "Größe – 猫 🐶 v2"
