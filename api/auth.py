@@ -101,11 +101,16 @@ def check_local_client(request: Request) -> None:
         )
 
 
+def local_principal(request: Request) -> Principal:
+    """Return the single user of an open server; raise 403 for a remote client."""
+    check_local_client(request)
+    return Principal(LOCAL_USER, "admin")
+
+
 def authenticate(request: Request, settings: Settings, store: Store) -> Principal:
     """Return the caller of ``request``; raise 401 unless its key is valid."""
     if settings.auth == "none":
-        check_local_client(request)
-        return Principal(LOCAL_USER, "admin")
+        return local_principal(request)
     record = find_key(store, bearer_token(request))
     if record is None:
         raise unauthorized("invalid API key: check the key or ask for a new one")

@@ -85,16 +85,22 @@ def build_curve(
 
 
 class SuggestionCache:
-    """Suggestions of finished runs, which never change, kept in memory.
+    """Suggestions of runs, kept in memory so that polling stays cheap.
 
     A finished run is identified by its state (status, step, attempt), so a
-    cached answer needs no read of its points. Runs still in progress are
-    computed on every request and not kept.
+    cached answer needs no read of its points. A running run's points grow,
+    so its answer is kept with a fingerprint of the points it came from (how
+    many, and the last one) and is reused only while they are the same: the
+    pollers of a running job then share one computation per new point
+    batch. Only the latest answer of each running run is kept.
     """
 
     def __init__(self, max_entries: int = 2048) -> None:
         self.max_entries = max_entries
         self.entries: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self.running: OrderedDict[
+            tuple[str, str, str], tuple[tuple[Any, ...], dict[str, Any]]
+        ] = OrderedDict()
         self.lock = threading.Lock()
 
     @staticmethod
@@ -111,6 +117,14 @@ class SuggestionCache:
             method,
         )
 
+    @staticmethod
+    def fingerprint(points: list[Point]) -> tuple[Any, ...]:
+        """Identify a partial curve by its length and its last point."""
+        if not points:
+            return (0,)
+        last = points[-1]
+        return (len(points), last.step, last.lr, last.loss)
+
     def lookup(self, job: Job, state: RunState, method: str) -> dict[str, Any] | None:
         key = self.key(job, state, method)
         with self.lock:
@@ -123,17 +137,75 @@ class SuggestionCache:
         self, job: Job, state: RunState, points: list[Point], method: str
     ) -> dict[str, Any]:
         """Return the run's suggestions, computed from ``points`` unless cached."""
+        key = self.key(job, state, method)
+        if key is None:
+            return self._get_running(job, state, points, method)
         cached = self.lookup(job, state, method)
         if cached is not None:
             return cached
-        value = suggest(points, method, job.spec.sweep.mode) if len(points) >= 2 else {}
-        key = self.key(job, state, method)
-        if key is not None:
-            with self.lock:
-                self.entries[key] = value
-                while len(self.entries) > self.max_entries:
-                    self.entries.popitem(last=False)
+        value = self._compute(job, points, method)
+        with self.lock:
+            self.entries[key] = value
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
         return value
+
+    def _get_running(
+        self, job: Job, state: RunState, points: list[Point], method: str
+    ) -> dict[str, Any]:
+        slot = (job.id, run_name(state), method)
+        fingerprint = self.fingerprint(points)
+        with self.lock:
+            found = self.running.get(slot)
+            if found is not None and found[0] == fingerprint:
+                self.running.move_to_end(slot)
+                return found[1]
+        value = self._compute(job, points, method)
+        with self.lock:
+            self.running[slot] = (fingerprint, value)
+            self.running.move_to_end(slot)
+            while len(self.running) > self.max_entries:
+                self.running.popitem(last=False)
+        return value
+
+    @staticmethod
+    def _compute(job: Job, points: list[Point], method: str) -> dict[str, Any]:
+        if len(points) < 2:
+            return {}
+        return suggest(points, method, job.spec.sweep.mode)
+
+
+class BodyCache:
+    """Serialized curves responses by job state, for pollers of a running job.
+
+    The worker writes a batch of points and the run's new step in one Redis
+    transaction, so a job's state (its status and every run's status, step
+    and attempt) fixes the points that the curves contain. While the state
+    stays the same, every poll gets the same body without reading a point.
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(job: Job, *variant: str) -> tuple[Any, ...]:
+        return (job.id, *variant, hash(job.model_dump_json()))
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        with self.lock:
+            body = self.entries.get(key)
+            if body is not None:
+                self.entries.move_to_end(key)
+            return body
+
+    def put(self, key: tuple[Any, ...], body: bytes) -> None:
+        with self.lock:
+            self.entries[key] = body
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
 
 
 def build_curves(

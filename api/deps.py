@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
-from api.auth import Principal, authenticate
+from api.auth import Principal, authenticate, local_principal
 from lrfinder.settings import Settings
 from lrfinder.store import Store
 
 
-def get_app_settings(request: Request) -> Settings:
+# The dependencies that only read the app's state are coroutines: FastAPI
+# would run a plain function in its thread pool, and a hop there costs more
+# than the read itself.
+
+
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
@@ -23,11 +29,18 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
 
-def get_principal(
+async def get_principal(
     request: Request, settings: SettingsDep, store: StoreDep
 ) -> Principal:
-    """Authenticate the caller (FastAPI runs this in its thread pool)."""
-    principal = authenticate(request, settings, store)
+    """Authenticate the caller.
+
+    A key lookup reads Redis, so it runs in the thread pool; the open mode
+    needs no read and answers on the event loop.
+    """
+    if settings.auth == "none":
+        principal = local_principal(request)
+    else:
+        principal = await run_in_threadpool(authenticate, request, settings, store)
     request.state.principal = principal
     return principal
 

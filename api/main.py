@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from api.auth import check_auth_settings
 from api.background import start_reaper, stop_reaper
-from api.curves import SuggestionCache
+from api.curves import BodyCache, SuggestionCache
 from api.errors import install_error_handlers
 from api.metrics import Metrics
 from api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.queue = JobQueue(settings)
     app.state.metrics = Metrics(store)
     app.state.suggestions = SuggestionCache()
+    app.state.curves_bodies = BodyCache()
     app.state.sse_keepalive_s = SSE_KEEPALIVE_S
     app.state.async_redis = None
 

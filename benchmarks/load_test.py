@@ -2,28 +2,35 @@
 
 Requests alternate between ``GET /v1/jobs/{id}`` and ``GET /v1/jobs/{id}/curves``
 while the worker sweeps. The generator is open-loop: request ``i`` is due at
-``i / rate`` seconds, whatever earlier requests took, and a pool of threads
-with keep-alive connections sends them. The latency of a request runs from
-its send to the end of its response body. When the generator falls behind
+``i / rate`` seconds, whatever earlier requests took. One event loop sends
+them over keep-alive connections, opening another connection whenever all
+are busy. The latency of a request runs from its send to the end of its
+response body. When the generator falls behind
 its schedule, the lag is reported on its own, because it measures this
 machine's spare CPU rather than the API.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+try:
+    import uvloop
+except ImportError:  # the standard event loop is slower, but measures the same
+    uvloop = None
 
 from servers import ServiceStack, StackError, study_spec
 from workload import Workload
 
-THREADS = 16
+# Seconds a request may take before it counts as an error.
+REQUEST_TIMEOUT_S = 10.0
 ENDPOINTS = ("job", "curves")
 # Requests per endpoint sent one at a time before the load, for a latency
 # without queueing.
@@ -71,50 +78,127 @@ class LoadResult:
 
 def generate(base_url: str, job_id: str, rate: float, duration_s: float) -> LoadResult:
     """Send ``rate * duration_s`` requests on schedule and record each one."""
+    host, port = urlsplit(base_url).hostname, urlsplit(base_url).port
+    runner = asyncio.run if uvloop is None else uvloop.run
+    return runner(_generate(host or "127.0.0.1", port or 80, job_id, rate, duration_s))
+
+
+async def _generate(
+    host: str, port: int, job_id: str, rate: float, duration_s: float
+) -> LoadResult:
+    # One event loop sends every request, each on a keep-alive connection
+    # that no other request uses meanwhile. Threads would measure their own
+    # wait for the interpreter lock as API latency.
     result = LoadResult(rate=rate, duration_s=duration_s)
     paths = (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/curves")
     total = int(rate * duration_s)
-    lock = threading.Lock()
+    pool = ConnectionPool(host, port)
     started = time.perf_counter()
 
-    def send_share(first: int) -> None:
-        with httpx.Client(base_url=base_url, timeout=10) as client:
-            for index in range(first, total, THREADS):
-                due = started + index / rate
-                time.sleep(max(0.0, due - time.perf_counter()))
-                sent = time.perf_counter()
-                outcome = request_once(client, paths[index % 2])
-                finished = time.perf_counter()
-                with lock:
-                    if outcome is None:
-                        latency_ms = (finished - sent) * 1000
-                        result.latencies_ms.append(latency_ms)
-                        endpoint = ENDPOINTS[index % 2]
-                        result.latencies_by_endpoint.setdefault(
-                            endpoint, []).append(latency_ms)
-                    else:
-                        result.errors.append(outcome)
-                    result.lags_ms.append(max(0.0, sent - due) * 1000)
+    async def send(index: int, due: float) -> None:
+        connection = await pool.take()
+        sent = time.perf_counter()
+        outcome = await connection.get(paths[index % 2])
+        finished = time.perf_counter()
+        pool.give_back(connection)
+        result.lags_ms.append(max(0.0, sent - due) * 1000)
+        if outcome is None:
+            latency_ms = (finished - sent) * 1000
+            result.latencies_ms.append(latency_ms)
+            result.latencies_by_endpoint.setdefault(ENDPOINTS[index % 2], []).append(
+                latency_ms
+            )
+        else:
+            result.errors.append(outcome)
 
-    threads = [threading.Thread(target=send_share, args=(first,))
-               for first in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    tasks = []
+    for index in range(total):
+        due = started + index / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(send(index, due)))
+    await asyncio.gather(*tasks)
     result.elapsed_s = time.perf_counter() - started
+    await pool.close()
     return result
 
 
-def request_once(client: httpx.Client, path: str) -> str | None:
-    """Send one GET; return None on a 200, else a short description."""
-    try:
-        response = client.get(path)
-    except httpx.HTTPError as error:
-        return f"{type(error).__name__} on {path.split('/')[-1]}"
-    if response.status_code != 200:
-        return f"HTTP {response.status_code} on {path.split('/')[-1]}"
-    return None
+class Connection:
+    """One HTTP/1.1 keep-alive connection that sends GETs and reads replies."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> str | None:
+        """Send one GET; return None on a 200, else a short description."""
+        name = path.split("/")[-1]
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(
+                    self.host, self.port
+                )
+            assert self.reader is not None
+            self.writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(
+                self.reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S
+            )
+            status, length = parse_head(head)
+            await asyncio.wait_for(
+                self.reader.readexactly(length), REQUEST_TIMEOUT_S
+            )
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                asyncio.TimeoutError, ValueError) as error:
+            await self.close()
+            return f"{type(error).__name__} on {name}"
+        if status != 200:
+            return f"HTTP {status} on {name}"
+        return None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+def parse_head(head: bytes) -> tuple[int, int]:
+    """Return the status and Content-Length of a response head."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            return status, int(value)
+    raise ValueError("response without Content-Length")
+
+
+class ConnectionPool:
+    """Idle connections, reused last-in first-out; new ones while all are busy."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.idle: list[Connection] = []
+        self.opened: list[Connection] = []
+
+    async def take(self) -> Connection:
+        if self.idle:
+            return self.idle.pop()
+        connection = Connection(self.host, self.port)
+        self.opened.append(connection)
+        return connection
+
+    def give_back(self, connection: Connection) -> None:
+        self.idle.append(connection)
+
+    async def close(self) -> None:
+        for connection in self.opened:
+            await connection.close()
 
 
 def sequential_latencies(stack: ServiceStack, job_id: str) -> dict[str, dict]:

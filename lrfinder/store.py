@@ -354,10 +354,11 @@ class Store:
     def _job_from_fields(
         job_id: str, fields: dict[str, str], runs: dict[str, str]
     ) -> Job:
+        spec = JobSpec.model_validate_json(fields["spec"])
         values: dict[str, Any] = {
             "id": job_id,
             "status": fields["status"],
-            "spec": JobSpec.model_validate_json(fields["spec"]),
+            "spec": spec,
             "owner": fields.get("owner") or None,
             "attempts": int(fields.get("attempts", "0")),
             "partial": fields.get("partial") == "1",
@@ -371,9 +372,7 @@ class Store:
         if fields.get("data"):
             values["data"] = DataReport.model_validate_json(fields["data"])
         states = [RunState.model_validate_json(text) for text in runs.values()]
-        values["runs"] = _order_runs(
-            JobSpec.model_validate_json(fields["spec"]), states
-        )
+        values["runs"] = _order_runs(spec, states)
         return Job(**values)
 
     def get_status(self, job_id: str) -> str | None:

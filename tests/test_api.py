@@ -540,6 +540,52 @@ def test_curves_partial_while_running(
     assert body["curves"][1]["lr"] == []
 
 
+def test_polled_curves_follow_each_point_batch(
+    client: TestClient, headers: dict, store: Store
+) -> None:
+    # Repeated polls are served from the API's caches; each new batch of
+    # points must still reach the next poll, with suggestions computed on it.
+    job = submit(client, headers)
+    store.mark_running(job["id"], worker="test@host", device="cpu", max_attempts=2)
+    points = make_points(20)
+    url = f"/v1/jobs/{job['id']}/curves?method=minimum"
+    for count in (5, 12, 20):
+        state = RunState(batch_size=8, num_iter=20, status="running", step=count)
+        store.record_progress(job["id"], "8-0", points[:count], state, start=0)
+        first = client.get(url, headers=headers).json()
+        second = client.get(url, headers=headers).json()
+        assert first == second
+        curve = first["curves"][0]
+        assert curve["lr"] == [point.lr for point in points[:count]]
+        expected = analysis.suggest(
+            [point.lr for point in points[:count]],
+            [point.loss for point in points[:count]],
+            "minimum",
+        ).to_dict()
+        assert curve["suggestions"]["minimum"] == expected
+
+
+def test_polled_curves_drop_an_interrupted_attempt(
+    client: TestClient, headers: dict, store: Store
+) -> None:
+    job = submit(client, headers)
+    store.mark_running(job["id"], worker="test@host", device="cpu", max_attempts=2)
+    first_attempt = make_points(20)[:8]
+    state = RunState(batch_size=8, num_iter=20, status="running", step=8, attempt=1)
+    store.record_progress(job["id"], "8-0", first_attempt, state, start=0)
+    url = f"/v1/jobs/{job['id']}/curves"
+    assert len(client.get(url, headers=headers).json()["curves"][0]["lr"]) == 8
+    # A restarted run begins again from its first step with other losses.
+    restarted = [
+        point.model_copy(update={"loss": point.loss + 1.0}) for point in first_attempt
+    ]
+    state = state.model_copy(update={"attempt": 2})
+    store.reset_run(job["id"], "8-0", state.model_copy(update={"step": 0}))
+    store.record_progress(job["id"], "8-0", restarted, state, start=0)
+    curve = client.get(url, headers=headers).json()["curves"][0]
+    assert curve["loss"] == [point.loss for point in restarted]
+
+
 def test_curves_csv_has_one_row_per_point(
     client: TestClient, headers: dict, finished_job: dict
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -9,9 +10,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
 
 from api.auth import Principal
 from api.curves import (
+    BodyCache,
     MethodName,
     SuggestionCache,
     analyze,
@@ -36,16 +39,31 @@ router = APIRouter(
 )
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
-def get_suggestion_cache(request: Request) -> SuggestionCache:
+async def get_suggestion_cache(request: Request) -> SuggestionCache:
     return request.app.state.suggestions
 
 
+async def get_body_cache(request: Request) -> BodyCache:
+    return request.app.state.curves_bodies
+
+
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+BodyCacheDep = Annotated[BodyCache, Depends(get_body_cache)]
 SuggestionCacheDep = Annotated[SuggestionCache, Depends(get_suggestion_cache)]
+
+
+def model_response(model: BaseModel) -> Response:
+    """Send a model that is already valid as JSON.
+
+    FastAPI would validate the returned object against the response model
+    again; polled endpoints skip that work. The model stays in the route's
+    ``response_model`` for the OpenAPI schema.
+    """
+    return Response(model.model_dump_json().encode(), media_type="application/json")
 
 
 def load_visible_job(store: Store, principal: Principal, job_id: str) -> Job:
@@ -131,7 +149,7 @@ def submit_job(
 ) -> Job:
     """Submit a batch-size study; it runs when a worker is free."""
     check_rate(store, principal, settings)
-    validate_submission(spec, settings)
+    validate_submission(spec, settings, store)
     job = store_and_queue(spec, principal, settings, store, queue)
     logger.info(
         "job %s submitted by %s: model %s, dataset %s, batch sizes %s, %d steps",
@@ -186,7 +204,7 @@ def get_job(
     """Read a job: status, runs with progress, suggestions of finished runs."""
     job = load_visible_job(store, principal, job_id)
     job.suggestions = finished_run_suggestions(store, job, method, cache)
-    return job
+    return model_response(job)
 
 
 @router.get(
@@ -201,23 +219,31 @@ def get_curves(
     store: StoreDep,
     principal: PrincipalDep,
     cache: SuggestionCacheDep,
+    bodies: BodyCacheDep,
     format: Literal["json", "csv"] = "json",
     method: MethodName = "valley",
 ) -> Any:
     """Read the learning rates and losses of every run, partial while running."""
     job = load_visible_job(store, principal, job_id)
-    curves, points_by_run = build_curves(store, job, method, cache)
     if format == "csv":
+        _, points_by_run = build_curves(store, job, method, cache)
         return PlainTextResponse(
             curves_csv(job, points_by_run),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{job.id}.csv"'},
         )
-    return {
-        "job_id": job.id,
-        "status": job.status,
-        "curves": [curve.model_dump(mode="json") for curve in curves],
-    }
+    key = bodies.key(job, method)
+    body = bodies.get(key)
+    if body is None:
+        curves, _ = build_curves(store, job, method, cache)
+        content = {
+            "job_id": job.id,
+            "status": job.status,
+            "curves": [curve.model_dump(mode="json") for curve in curves],
+        }
+        body = json.dumps(content, separators=(",", ":")).encode()
+        bodies.put(key, body)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}/analysis", responses=error_responses(404))
