@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from api.errors import ApiError
-from lrfinder.catalog import CatalogError, check_model, resolve_dataset, resolve_inside
+from lrfinder.catalog import (
+    CatalogError,
+    DatasetEntry,
+    check_model,
+    resolve_dataset,
+    resolve_inside,
+)
 from lrfinder.limits import check_limits
 from lrfinder.settings import Settings
 from lrfinder.spec import TORCHVISION_WEIGHTS_PATTERN, JobSpec
@@ -18,15 +24,35 @@ def _field(field: str, value: Any, message: str) -> dict[str, Any]:
 
 def _check_catalog(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
     problems = []
-    for check in (
-        lambda: check_model(spec.model.name),
-        lambda: resolve_dataset(spec.dataset.name, settings.data_root),
-    ):
-        try:
-            check()
-        except CatalogError as error:
-            problems.append(_field(error.field, error.value, error.message))
+    try:
+        check_model(spec.model.name)
+    except CatalogError as error:
+        problems.append(_field(error.field, error.value, error.message))
+    try:
+        dataset = resolve_dataset(spec.dataset.name, settings.data_root)
+    except CatalogError as error:
+        problems.append(_field(error.field, error.value, error.message))
+    else:
+        problems += _check_batch_sizes_fit(spec, dataset)
     return problems
+
+
+def _check_batch_sizes_fit(
+    spec: JobSpec, dataset: DatasetEntry
+) -> list[dict[str, Any]]:
+    # Image folders are counted by file name, and dataset.max_images bounds
+    # any dataset, so most oversized batches are caught here. The worker
+    # checks the decoded images again, for torchvision datasets without
+    # max_images and for files that fail to decode.
+    images = dataset.images
+    if images is None:
+        images = spec.dataset.max_images
+    if images is None:
+        return []
+    return [
+        _field(problem.field, problem.value, problem.message)
+        for problem in spec.oversized_batches(images)
+    ]
 
 
 def _check_weights_file(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:

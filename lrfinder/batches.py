@@ -110,20 +110,25 @@ def epoch_batches(
 ) -> list[torch.Tensor]:
     """Split one epoch's order into batches of sample indices.
 
-    With ``drop_last`` every batch is full. When there are fewer samples than
-    ``batch_size``, the epoch is a single full batch that cycles through the
-    epoch's order, so some samples appear twice in it.
+    With ``drop_last`` every batch is full.
+
+    Raises:
+        ValueError: the dataset is empty, or ``drop_last`` requests full
+            batches larger than it, which would have to repeat samples.
     """
     if num_items < 1:
         raise ValueError("cannot draw batches from an empty dataset")
+    if drop_last and num_items < batch_size:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {num_items} samples of "
+            "the dataset; a full batch would repeat samples, so use a batch "
+            f"size up to {num_items}"
+        )
     order = (
         epoch_permutation(num_items, seed, epoch)
         if shuffle
         else torch.arange(num_items)
     )
-    if drop_last and num_items < batch_size:
-        cycles = math.ceil(batch_size / num_items)
-        return [order.repeat(cycles)[:batch_size]]
     batches = list(order.split(batch_size))
     if drop_last and len(batches[-1]) < batch_size:
         batches.pop()

@@ -121,6 +121,9 @@ TORCHVISION_DATASETS: dict[str, tuple[str, str, int]] = {
 # Sources that need no files: random tensors for smoke tests, and the 8 x 8
 # handwritten digits bundled with scikit-learn (real images, available offline).
 GENERATED_DATASETS: dict[str, int] = {"synthetic": 10, "digits": 10}
+# Their image counts, fixed by lrfinder.sources and scikit-learn. A test
+# checks them against the loaded datasets.
+GENERATED_DATASET_IMAGES: dict[str, int] = {"synthetic": 512, "digits": 1797}
 
 
 class CatalogError(ValueError):
@@ -317,7 +320,7 @@ def list_datasets(data_root: Path) -> list[DatasetEntry]:
                 name=name,
                 kind=name,
                 classes=[str(index) for index in range(num_classes)],
-                images=1797 if name == "digits" else None,
+                images=GENERATED_DATASET_IMAGES[name],
             )
         )
     return entries
@@ -335,6 +338,7 @@ def resolve_dataset(name: str, data_root: Path) -> DatasetEntry:
             name=name,
             kind=name,
             classes=[str(index) for index in range(GENERATED_DATASETS[name])],
+            images=GENERATED_DATASET_IMAGES[name],
         )
     if name in TORCHVISION_DATASETS:
         folder = data_root.resolve() / TORCHVISION_DATASETS[name][1]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,8 @@ from pydantic import (
 
 MAX_BATCH_SIZE = 4096
 MAX_BATCH_SIZES = 16
+# Share of a dataset held out for the validation loss when sweep.val_batches > 0.
+VALIDATION_FRACTION = 0.1
 
 # Weight names that torchvision uses for its bundled checkpoints, e.g. DEFAULT,
 # IMAGENET1K_V1, IMAGENET1K_SWAG_E2E_V1.
@@ -283,6 +286,74 @@ class JobSpec(StrictModel):
     def total_steps(self) -> int:
         """Optimizer steps of the whole study, the unit of its cost."""
         return len(self.batch_sizes) * self.repeats * self.sweep.num_iter
+
+    def training_images(self, dataset_images: int) -> int:
+        """Return how many images the sweeps train on, of ``dataset_images``.
+
+        ``dataset.max_images`` caps the count, and a validation loss
+        (``sweep.val_batches`` > 0) holds out ``VALIDATION_FRACTION`` of it.
+        """
+        images = min(dataset_images, self.dataset.max_images or dataset_images)
+        if self.sweep.val_batches > 0:
+            images -= max(1, round(VALIDATION_FRACTION * images))
+        return images
+
+    def oversized_batches(self, dataset_images: int) -> list[FieldProblem]:
+        """List the batch sizes larger than the training images of the dataset.
+
+        Every optimizer step needs ``batch_size`` distinct images. With
+        gradient accumulation that is still the whole batch, split into
+        ``sweep.accumulation_steps`` micro-batches, so the rule is the same.
+        Repeats change only the sample order, not the images.
+
+        Args:
+            dataset_images: images in the dataset, or in the subset that
+                ``dataset.max_images`` already picked.
+        """
+        training_images = self.training_images(dataset_images)
+        problems = []
+        for index, batch_size in enumerate(self.batch_sizes):
+            if batch_size > training_images:
+                field = f"batch_sizes[{index}]"
+                message = self._oversized_message(
+                    field, batch_size, dataset_images, training_images
+                )
+                problems.append(FieldProblem(field, batch_size, message))
+        return problems
+
+    def _oversized_message(
+        self, field: str, batch_size: int, dataset_images: int, training_images: int
+    ) -> str:
+        steps = self.sweep.accumulation_steps
+        split = ""
+        if steps > 1:
+            split = (
+                f" (each optimizer step draws all {batch_size} as {steps} "
+                f"micro-batches of {batch_size // steps})"
+            )
+        fixes = [f"batch sizes up to {training_images}", "a larger dataset"]
+        max_images = self.dataset.max_images
+        if max_images is not None and max_images <= dataset_images:
+            fixes.append(f"a dataset.max_images above {max_images}")
+        if self.sweep.val_batches > 0:
+            fixes.append(
+                "sweep.val_batches=0, which trains on the "
+                f"{VALIDATION_FRACTION:.0%} held out for validation"
+            )
+        return (
+            f"{field}={batch_size} is larger than the {training_images} training "
+            f"images of dataset {self.dataset.name!r}{split}, so a batch would "
+            f"repeat images. Use {', '.join(fixes[:-1])} or {fixes[-1]}."
+        )
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One field of a job spec that this dataset or server cannot run."""
+
+    field: str
+    value: Any
+    message: str
 
 
 class RunKey(StrictModel):

@@ -30,7 +30,7 @@ from lrfinder.imagedata import ImageData
 from lrfinder.jobs import DataReport, Point, StopReason
 from lrfinder.models import FrozenBody, build_model, check_image_size, check_weights
 from lrfinder.settings import Settings, get_settings
-from lrfinder.spec import JobSpec, RunKey
+from lrfinder.spec import VALIDATION_FRACTION, JobSpec, RunKey
 
 __all__ = [
     "RunResult",
@@ -43,7 +43,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VALIDATION_FRACTION = 0.1
 # Stop reasons after which no further run of the study starts.
 STUDY_STOPS = frozenset({"cancelled", "interrupted", "time_limit"})
 
@@ -142,7 +141,8 @@ def run_study(
 
     Raises:
         StudyError: before any run, for a bad model, weights, dataset,
-            device or accumulation setting.
+            device or accumulation setting, or a batch size larger than the
+            dataset's training images (``batch_size_too_large``).
     """
     started = time.perf_counter()
     settings = settings or get_settings()
@@ -214,6 +214,21 @@ def _check_runs(spec: JobSpec, runs: list[RunKey] | None) -> list[RunKey]:
     return keys
 
 
+def _check_batch_sizes_fit(spec: JobSpec, images: int) -> None:
+    """Raise StudyError if a batch size needs more images than the dataset has.
+
+    A batch larger than the training images would have to repeat images
+    within one optimizer step. The API rejects such jobs when it can count
+    the dataset. This check also covers the datasets it cannot count and
+    files that failed to decode.
+    """
+    problems = spec.oversized_batches(images)
+    if problems:
+        raise StudyError(
+            "batch_size_too_large", " ".join(problem.message for problem in problems)
+        )
+
+
 class _Study:
     """The state shared by the runs of one study."""
 
@@ -261,6 +276,7 @@ class _Study:
                 pretrained=self.spec.model.weights is not None,
             )
         self.hooks.on_data(data.report)
+        _check_batch_sizes_fit(self.spec, len(data))
         self.data = data
         if self.spec.sweep.val_batches > 0:
             self.data, self.validation = data.split_validation(VALIDATION_FRACTION)

@@ -285,6 +285,75 @@ def test_submit_unknown_dataset_lists_valid_names(
     assert queued_messages(store) == 0
 
 
+def test_submit_batch_over_image_folder_is_422(
+    client: TestClient, headers: dict, store: Store
+) -> None:
+    spec = {**VALID_SPEC, "dataset": {"name": "pets"}, "batch_sizes": [2, 4]}
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    fields = fields_by_name(response)
+    assert response.status_code == 422
+    assert list(fields) == ["batch_sizes[1]"]
+    assert fields["batch_sizes[1]"]["value"] == 4
+    assert "2 training images of dataset 'pets'" in fields["batch_sizes[1]"]["message"]
+    assert "use batch sizes up to 2" in fields["batch_sizes[1]"]["message"].lower()
+    assert queued_messages(store) == 0
+
+
+def test_submit_batch_over_synthetic_is_422(client: TestClient, headers: dict) -> None:
+    spec = {
+        **VALID_SPEC,
+        "dataset": {"name": "synthetic", "image_size": 32},
+        "batch_sizes": [8, 1024],
+    }
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    fields = fields_by_name(response)
+    assert response.status_code == 422
+    assert list(fields) == ["batch_sizes[1]"]
+    assert "512 training images" in fields["batch_sizes[1]"]["message"]
+
+
+def test_submit_accumulated_batch_over_max_images_is_422(
+    client: TestClient, headers: dict
+) -> None:
+    spec = {
+        **VALID_SPEC,
+        "dataset": {"name": "digits", "image_size": 32, "max_images": 100},
+        "batch_sizes": [128],
+        "sweep": {**VALID_SPEC["sweep"], "accumulation_steps": 4},
+    }
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    message = fields_by_name(response)["batch_sizes[0]"]["message"]
+    assert response.status_code == 422
+    assert "100 training images" in message
+    assert "4 micro-batches of 32" in message
+    assert "dataset.max_images above 100" in message
+
+
+def test_submit_batch_over_validation_split_is_422(
+    client: TestClient, headers: dict
+) -> None:
+    # 100 images less 10 held out for the validation loss leave 90.
+    spec = {
+        **VALID_SPEC,
+        "dataset": {"name": "digits", "image_size": 32, "max_images": 100},
+        "batch_sizes": [90, 91],
+        "sweep": {**VALID_SPEC["sweep"], "val_batches": 1},
+    }
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    fields = fields_by_name(response)
+    assert response.status_code == 422
+    assert list(fields) == ["batch_sizes[1]"]
+    assert "sweep.val_batches=0" in fields["batch_sizes[1]"]["message"]
+
+
+def test_submit_batch_equal_to_dataset_with_repeats(
+    client: TestClient, headers: dict
+) -> None:
+    spec = {**VALID_SPEC, "dataset": {"name": "pets"}, "batch_sizes": [2], "repeats": 3}
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    assert response.status_code == 202, response.text
+
+
 @pytest.mark.parametrize("name", ["../x", "pets/../../x", "/etc", "escape"])
 def test_submit_dataset_outside_root_is_rejected(
     client: TestClient, headers: dict, store: Store, api_data_root: Path, name: str

@@ -197,6 +197,22 @@ def test_cli_run_out_is_file_fails_before_study(
     assert_no_traceback(completed)
 
 
+def test_cli_run_batch_over_dataset_fails_before_training(
+    tmp_path: Path, photos_dir: Path
+) -> None:
+    data = copy_subset(photos_dir, tmp_path / "pets", per_class=2)
+    out = tmp_path / "out"
+    completed = lrfinder(
+        "run", "--data", str(data), "--model", "small_cnn", "--image-size", "32",
+        "--batch-sizes", "4,8", "--num-iter", "5", "--out", str(out),
+        env=service_env("redis://127.0.0.1:1/0"),
+    )  # fmt: skip
+    assert completed.returncode == 1
+    assert "batch_sizes[1]=8 is larger than the 4 training images" in completed.stderr
+    assert not (out / "curves.json").exists()
+    assert_no_traceback(completed)
+
+
 def test_cli_run_unknown_model_is_usage_error(
     tmp_path: Path, photos_dir: Path
 ) -> None:

@@ -25,12 +25,14 @@ from lrfinder.batches import (
     epoch_batches,
     epoch_permutation,
 )
+from lrfinder.catalog import GENERATED_DATASET_IMAGES
 from lrfinder.data import DECODE_CACHE, DecodeCache, load_dataset
 from lrfinder.decode import DecodeLimits, decode_image
 from lrfinder.errors import StudyError
 from lrfinder.imagedata import ImageData, stratified_sample
 from lrfinder.jobs import DataReport
 from lrfinder.settings import Settings
+from lrfinder.sources import generated_source
 from lrfinder.spec import DatasetSpec
 
 LIMITS = DecodeLimits(max_pixels=89_478_485, max_bytes=50 * 2**20)
@@ -477,11 +479,19 @@ def test_epoch_permutation_reshuffles_each_epoch() -> None:
     assert torch.equal(first, epoch_permutation(50, seed=5, epoch=0))
 
 
-def test_epoch_batches_wrap_around_small_dataset() -> None:
-    batches = epoch_batches(5, 8, seed=0, epoch=0)
-    order = epoch_permutation(5, seed=0, epoch=0)
-    assert len(batches) == 1
-    assert batches[0].tolist() == order.tolist() + order[:3].tolist()
+def test_epoch_batches_reject_batch_over_dataset() -> None:
+    with pytest.raises(ValueError, match="batch size 8 is larger than the 5 samples"):
+        epoch_batches(5, 8, seed=0, epoch=0)
+
+
+def test_epoch_batches_batch_equal_to_dataset() -> None:
+    batches = epoch_batches(5, 5, seed=0, epoch=0)
+    assert [sorted(batch.tolist()) for batch in batches] == [[0, 1, 2, 3, 4]]
+
+
+def test_epoch_batches_small_dataset_without_drop_last() -> None:
+    batches = epoch_batches(5, 8, seed=0, epoch=0, shuffle=False, drop_last=False)
+    assert [batch.tolist() for batch in batches] == [[0, 1, 2, 3, 4]]
 
 
 def test_batch_loader_epochs_advance() -> None:
@@ -529,3 +539,9 @@ def test_hidden_entries_never_classes(hostile_root: Path, tmp_path: Path) -> Non
     assert loaded.classes == ["a", "b"]
     assert not any("ipynb" in line for line in loaded.report.skipped_examples)
     assert os.path.isdir(folder / ".ipynb_checkpoints")
+
+
+@pytest.mark.parametrize("name", ["synthetic", "digits"])
+def test_generated_dataset_image_counts_match_catalog(name: str) -> None:
+    source = generated_source(name)
+    assert len(source.labels) == GENERATED_DATASET_IMAGES[name]

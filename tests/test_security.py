@@ -664,7 +664,13 @@ def test_unreadable_folder_fails_dataset_invalid(
     worker: Service,
     server_root: Path,
 ) -> None:
-    response = submit(api, keys["alice"], dataset={"name": "junk", "image_size": 16})
+    # The folder holds two files, so only batch sizes up to 2 pass submission.
+    response = submit(
+        api,
+        keys["alice"],
+        dataset={"name": "junk", "image_size": 16},
+        batch_sizes=[2, 1],
+    )
     assert response.status_code == 202, response.text
     job = finish(live_store, response.json()["id"], worker)
     assert job.status == "failed"

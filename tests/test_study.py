@@ -337,6 +337,57 @@ def test_study_bad_dataset_before_runs(tmp_path: Path) -> None:
     assert hooks.events == []
 
 
+def test_study_batch_over_dataset_fails_before_runs(tmp_path: Path) -> None:
+    hooks = RecordingHooks()
+    spec = make_spec(batch_sizes=[16, 128])
+    with pytest.raises(StudyError) as caught:
+        run_study(spec, settings=settings_for(tmp_path), hooks=hooks)
+    assert caught.value.code == "batch_size_too_large"
+    assert "batch_sizes[1]=128" in caught.value.message
+    assert "120 training images of dataset 'synthetic'" in caught.value.message
+    assert "a dataset.max_images above 120" in caught.value.message
+    assert [event for event, _ in hooks.events] == ["data"]
+
+
+def test_study_batch_over_builtin_dataset_fails(tmp_path: Path) -> None:
+    # Without max_images the API does not bound the size of this dataset.
+    spec = make_spec(
+        dataset={"name": "synthetic", "image_size": 16},
+        batch_sizes=[1024],
+        repeats=2,
+    )
+    with pytest.raises(StudyError) as caught:
+        run_study(spec, settings=settings_for(tmp_path))
+    assert caught.value.code == "batch_size_too_large"
+    assert "batch_sizes[0]=1024 is larger than the 512 training" in caught.value.message
+
+
+def test_study_accumulated_batch_over_dataset_fails(tmp_path: Path) -> None:
+    # Each micro-batch of 32 fits, but one optimizer step draws all 128.
+    spec = make_spec(batch_sizes=[128], sweep={"accumulation_steps": 4})
+    with pytest.raises(StudyError) as caught:
+        run_study(spec, settings=settings_for(tmp_path))
+    assert caught.value.code == "batch_size_too_large"
+    assert "4 micro-batches of 32" in caught.value.message
+
+
+def test_study_batch_over_training_split_fails(tmp_path: Path) -> None:
+    # 120 images less 12 held out for the validation loss leave 108.
+    spec = make_spec(batch_sizes=[112], sweep={"num_iter": 3, "val_batches": 1})
+    with pytest.raises(StudyError) as caught:
+        run_study(spec, settings=settings_for(tmp_path))
+    assert caught.value.code == "batch_size_too_large"
+    assert "108 training images" in caught.value.message
+    assert "sweep.val_batches=0" in caught.value.message
+
+
+def test_study_batch_equal_to_training_split_runs(tmp_path: Path) -> None:
+    spec = make_spec(batch_sizes=[108], sweep={"num_iter": 3, "val_batches": 1})
+    result = run_study(spec, settings=settings_for(tmp_path))
+    assert result.runs[0].stop_reason == "completed"
+    assert len(result.runs[0].points) == 3
+
+
 def test_study_missing_weights_before_decoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
