@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from api.errors import ApiError
 from lrfinder.catalog import (
+    BUILTIN_MODELS,
     CatalogError,
     DatasetEntry,
     check_model,
     resolve_dataset,
     resolve_inside,
 )
+from lrfinder.hub_weights import TORCHVISION_WEIGHTS_FILES
 from lrfinder.limits import check_limits
 from lrfinder.settings import Settings
 from lrfinder.spec import TORCHVISION_WEIGHTS_PATTERN, JobSpec
+from lrfinder.store import Store
 from lrfinder.weights_scan import ACCEPTED_FORMATS, scan_weights_file
+
+logger = logging.getLogger(__name__)
 
 
 def _field(field: str, value: Any, message: str) -> dict[str, Any]:
@@ -78,9 +84,69 @@ def _check_weights_file(spec: JobSpec, settings: Settings) -> list[dict[str, Any
     return []
 
 
-def validate_submission(spec: JobSpec, settings: Settings) -> None:
+def _check_hub_weights(
+    spec: JobSpec, settings: Settings, store: Store
+) -> list[dict[str, Any]]:
+    weights = spec.model.weights
+    if weights is None or not TORCHVISION_WEIGHTS_PATTERN.fullmatch(weights):
+        return []
+    model = spec.model.name
+    if model in BUILTIN_MODELS:
+        message = (
+            f"model.weights {weights!r} is invalid: model {model!r} has no "
+            "torchvision weights; give null or a state-dict file in the weights root"
+        )
+        return [_field("model.weights", weights, message)]
+    files = TORCHVISION_WEIGHTS_FILES.get(model)
+    if files is None:
+        return []  # an unknown model, reported as model.name
+    if weights not in files:
+        message = (
+            f"model.weights {weights!r} is not a weights name of {model}; "
+            f"valid names: {', '.join(files)}"
+        )
+        return [_field("model.weights", weights, message)]
+    return _check_workers_hold(weights, files[weights], settings, store)
+
+
+def _check_workers_hold(
+    weights: str, file_name: str, settings: Settings, store: Store
+) -> list[dict[str, Any]]:
+    # Workers that publish no file list (older versions) are not judged.
+    # NOTE: with no such worker registered the job is accepted; the worker
+    # that takes it checks the file again and fails it as weights_missing.
+    workers = [
+        record
+        for record in store.live_workers()
+        if record.get("queue") == settings.queue and "hub_files" in record
+    ]
+    lacking = [
+        record["name"]
+        for record in workers
+        if not record.get("allow_downloads") and file_name not in record["hub_files"]
+    ]
+    if not lacking:
+        return []
+    logger.info(
+        "rejected weights %s: workers %s lack the hub file %s",
+        weights,
+        ", ".join(lacking),
+        file_name,
+    )
+    message = (
+        f"model.weights {weights!r} needs the file {file_name} in the torch hub "
+        f"cache, and {len(lacking)} of the {len(workers)} workers on queue "
+        f"{settings.queue!r} lack it; ask the administrator to put {file_name} "
+        "in $TORCH_HOME/hub/checkpoints on every worker (default "
+        "~/.cache/torch/hub/checkpoints), or submit without pretrained weights"
+    )
+    return [_field("model.weights", weights, message)]
+
+
+def validate_submission(spec: JobSpec, settings: Settings, store: Store) -> None:
     """Raise a 422 naming every field the server cannot run or allow."""
     problems = _check_catalog(spec, settings) + _check_weights_file(spec, settings)
+    problems += _check_hub_weights(spec, settings, store)
     problems += [
         _field(violation.field, violation.value, violation.message)
         for violation in check_limits(spec, settings)

@@ -24,7 +24,13 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from lrfinder.catalog import BUILTIN_MODELS, CatalogError, check_model, resolve_inside
+from lrfinder.catalog import (
+    BUILTIN_MODELS,
+    TORCHVISION_CLASSIFICATION_MODELS,
+    CatalogError,
+    check_model,
+    resolve_inside,
+)
 from lrfinder.errors import StudyError
 from lrfinder.settings import Settings
 from lrfinder.spec import TORCHVISION_WEIGHTS_PATTERN, ModelSpec
@@ -298,8 +304,45 @@ def hub_checkpoint_path(weights: WeightsEnum) -> Path:
 
     That is $TORCH_HOME/hub/checkpoints/<file name of the download URL>.
     """
-    file_name = os.path.basename(urlparse(weights.url).path)
-    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    return hub_checkpoints_folder() / hub_file_name(weights)
+
+
+def hub_file_name(weights: WeightsEnum) -> str:
+    """Return the hub cache file name of torchvision ``weights``, from its URL."""
+    return os.path.basename(urlparse(weights.url).path)
+
+
+def hub_checkpoints_folder() -> Path:
+    """Return the torch hub cache's checkpoints folder ($TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def held_hub_files() -> list[str]:
+    """List the file names in the torch hub cache's checkpoints folder, sorted."""
+    try:
+        entries = os.scandir(hub_checkpoints_folder())
+    except OSError:
+        return []
+    with entries:
+        return sorted(entry.name for entry in entries if entry.is_file())
+
+
+def torchvision_weights_files() -> dict[str, dict[str, str]]:
+    """Map each catalog model to its torchvision weights names and hub file names.
+
+    ``lrfinder.hub_weights`` contains this table for the API, which cannot
+    import torchvision; ``scripts/generate_hub_weights.py`` writes it.
+    """
+    import torchvision
+
+    table: dict[str, dict[str, str]] = {}
+    for name in TORCHVISION_CLASSIFICATION_MODELS:
+        enum = torchvision.models.get_model_weights(name)
+        table[name] = {
+            weights_name: hub_file_name(weights)
+            for weights_name, weights in sorted(enum.__members__.items())
+        }
+    return table
 
 
 @contextlib.contextmanager

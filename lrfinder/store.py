@@ -40,8 +40,9 @@ Key layout (``{id}`` is a job id, ``{run}`` a run name such as ``64-0``)::
                             ``Store.redis``, and the only key without a TTL
     rate:{owner}:{minute}   counter of submissions in one minute, 120 s
     worker:{name}           string JSON {name, host, pid, device, queue,
-                            started, time}; expires WORKER_TTL_S after the
-                            worker's last refresh
+                            started, time, hub_files, allow_downloads};
+                            expires WORKER_TTL_S after the worker's last
+                            refresh
 
 A job's ``attempts`` counts the executions that started and may count towards
 ``settings.max_attempts``; a graceful re-queue (SIGTERM) gives its attempt back.

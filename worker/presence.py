@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from lrfinder.reaper import Reaper
-from lrfinder.settings import get_settings
+from lrfinder.settings import Settings, get_settings
 from lrfinder.store import Store, retries_for
 
 logger = logging.getLogger(__name__)
@@ -70,12 +70,27 @@ class WorkerPresence(threading.Thread):
 
     def _refresh(self) -> None:
         try:
-            get_store().register_worker(self.worker, self.info)
+            inventory = hub_inventory(get_settings())
+            get_store().register_worker(self.worker, {**self.info, **inventory})
             self.tick()
         except redis.RedisError as error:
             logger.warning("worker %s: presence refresh failed: %s", self.worker, error)
         except Exception:  # the thread must outlive one bad tick
             logger.exception("worker %s: presence refresh failed", self.worker)
+
+
+def hub_inventory(settings: Settings) -> dict[str, Any]:
+    """Describe the pretrained weights this worker can load.
+
+    The API rejects a job whose torchvision weights file is missing on a
+    worker of its queue, unless that worker may download it.
+    """
+    from lrfinder.models import held_hub_files
+
+    return {
+        "hub_files": held_hub_files(),
+        "allow_downloads": settings.allow_downloads,
+    }
 
 
 def start(name: str, send_job: Callable[[str], None]) -> None:
