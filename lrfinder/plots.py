@@ -39,6 +39,8 @@ FORMATS = ("png", "svg")
 HEADROOM = 0.15
 # Marks the smoothed loss lines that draw_curve draws, whose values fit the y axis.
 LOSS_LINE_ID = "lrfinder-smoothed-loss"
+# Widest legend, as a share of the figure's width, placed beside the axes.
+MAX_LEGEND_SHARE = 0.4
 _RENDER_LOCK = threading.Lock()
 
 
@@ -76,6 +78,33 @@ def plot_loss_vs_lr(
         The encoded image.
     """
     check_size(width, height, format)
+    draw = loss_vs_lr_drawing(
+        curves,
+        batch_sizes=batch_sizes,
+        smoothed=smoothed,
+        method=method,
+        bands=bands,
+        mode=mode,
+        smoothing=smoothing,
+    )
+    return render(draw, width, height, format)
+
+
+def loss_vs_lr_drawing(
+    curves: Sequence[Mapping[str, Any]],
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    smoothed: bool = True,
+    method: str | None = "valley",
+    bands: bool | None = None,
+    mode: str = "exponential",
+    smoothing: str = "gaussian",
+) -> Callable[[Figure], None]:
+    """Return the function that draws the loss-vs-LR chart into a figure.
+
+    The arguments are those of ``plot_loss_vs_lr``; ``build_figure`` calls
+    the returned function.
+    """
     if method is not None:
         check_method(method)
     groups = group_by_batch_size(curves, batch_sizes)
@@ -94,7 +123,7 @@ def plot_loss_vs_lr(
                 lines += draw_single(ax, batch_size, members[0], color, method, options)
         finish_loss_axes(ax, lines, mode, method, smoothed, smoothing)
 
-    return render(draw, width, height, format)
+    return draw
 
 
 def plot_lr_schedule(
@@ -433,7 +462,33 @@ def finish_loss_axes(
     if method is not None:
         handles.append(suggestion_handle())
         labels.append(f"{method} suggestion")
-    ax.legend(handles, labels, loc="upper left", fontsize="small")
+    place_legend(ax, handles, labels)
+
+
+def place_legend(ax: Axes, handles: list[Any], labels: list[str]) -> None:
+    """Put the legend right of the axes, or where it covers the least data.
+
+    Curves start at the upper left, and any corner inside the axes can
+    contain a valley or a marker, so the legend goes outside the axes. When
+    it would take more than ``MAX_LEGEND_SHARE`` of the figure's width,
+    matplotlib's "best" location inside the axes is used instead.
+    """
+    legend = ax.legend(
+        handles,
+        labels,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        fontsize="small",
+    )
+    renderer = ax.figure.canvas.get_renderer()
+    legend_width = legend.get_window_extent(renderer).width
+    if legend_width > MAX_LEGEND_SHARE * ax.figure.bbox.width:
+        # NOTE: "best" picks the standard location with the fewest data
+        # vertices under it, so in a figure this narrow the legend may still
+        # cover some data.
+        legend.remove()
+        ax.legend(handles, labels, loc="best", fontsize="small")
 
 
 def suggestion_handle() -> Line2D:
@@ -618,11 +673,23 @@ def render(
 ) -> bytes:
     """Build a figure with ``draw`` and encode it, holding the render lock."""
     with _RENDER_LOCK:
-        figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-        FigureCanvasAgg(figure)
-        draw(figure)
-        figure.tight_layout()
+        figure = build_figure(draw, width, height)
         buffer = io.BytesIO()
         metadata = {"Date": None} if format == "svg" else None
         figure.savefig(buffer, format=format, dpi=DPI, metadata=metadata)
     return buffer.getvalue()
+
+
+def build_figure(
+    draw: Callable[[Figure], None], width: int, height: int
+) -> Figure:
+    """Build a figure of ``width`` x ``height`` pixels with ``draw`` and lay it out.
+
+    Matplotlib is not thread-safe: callers other than ``render`` must not
+    run it while another thread renders.
+    """
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    draw(figure)
+    figure.tight_layout()
+    return figure

@@ -15,11 +15,13 @@ from PIL import Image
 
 from lrfinder.analysis import analyze_study, suggest
 from lrfinder.plots import (
+    build_figure,
     curve_label,
     draw_curve,
     draw_schedule,
     finish_loss_axes,
     group_by_batch_size,
+    loss_vs_lr_drawing,
     plot_batch_size_scaling,
     plot_loss_vs_lr,
     plot_lr_schedule,
@@ -273,3 +275,68 @@ def test_plot_loss_vs_lr_curves_with_nan_tail() -> None:
     curves = study_curves(1)
     curves[0]["loss"] = curves[0]["loss"][:-3] + [math.nan, None, math.inf]
     assert decode(plot_loss_vs_lr(curves)).format == "PNG"
+
+
+def many_batch_sizes(count: int, repeats: int = 1) -> list[dict]:
+    """``count`` batch sizes from 4 up, each a recorded SGD curve shifted up."""
+    recorded = [c for c in recorded_curves() if c["optimizer"] == "sgd"]
+    generator = np.random.default_rng(1)
+    curves = []
+    for index in range(count):
+        base = recorded[index % len(recorded)]
+        for repeat in range(repeats):
+            jitter = generator.normal(0, 0.01, len(base["loss"])) * repeat
+            loss = np.array(base["loss"], dtype=float) * (1 + 0.02 * index) + jitter
+            curves.append(
+                {
+                    **base,
+                    "batch_size": 4 * 2**index,
+                    "repeat": repeat,
+                    "status": "succeeded",
+                    "loss": loss.tolist(),
+                }
+            )
+    return curves
+
+
+def plotted_points(figure: Figure) -> np.ndarray:
+    """Return the display coordinates (N, 2) of every drawn vertex inside the axes."""
+    ax = figure.axes[0]
+    chunks = [ax.transData.transform(line.get_xydata()) for line in ax.get_lines()]
+    for collection in ax.collections:
+        transform = collection.get_transform()
+        for path in collection.get_paths():
+            chunks.append(transform.transform(path.vertices))
+    points = np.concatenate(chunks)
+    points = points[np.isfinite(points).all(axis=1)]
+    box = ax.get_window_extent(figure.canvas.get_renderer())
+    # Vertices outside the axes are clipped away, so the legend may lie over them.
+    inside = (
+        (points[:, 0] >= box.x0)
+        & (points[:, 0] <= box.x1)
+        & (points[:, 1] >= box.y0)
+        & (points[:, 1] <= box.y1)
+    )
+    return points[inside]
+
+
+@pytest.mark.parametrize("count", range(1, 11))
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_loss_legend_covers_no_points(count: int, repeats: int) -> None:
+    drawing = loss_vs_lr_drawing(many_batch_sizes(count, repeats), method="valley")
+    figure = build_figure(drawing, 900, 600)
+    figure.canvas.draw()
+    legend = figure.axes[0].get_legend()
+    box = legend.get_window_extent(figure.canvas.get_renderer())
+    points = plotted_points(figure)
+    covered = (
+        (points[:, 0] >= box.x0)
+        & (points[:, 0] <= box.x1)
+        & (points[:, 1] >= box.y0)
+        & (points[:, 1] <= box.y1)
+    )
+    assert len(legend.get_texts()) == count + 1
+    assert len(points) > 100 * count
+    assert not covered.any(), f"{covered.sum()} plotted points under the legend"
+    assert figure.bbox.contains(box.x0, box.y0)
+    assert figure.bbox.contains(box.x1, box.y1)
