@@ -138,7 +138,10 @@ def test_worker_publishes_hub_files(hub_worker: Service, store: Store) -> None:
 
 @pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "DEFAULT"])
 def test_submit_weights_held_by_worker_is_accepted(
-    hub_worker: Service, redis_service: RedisServer, tmp_path: Path, weights: str  # noqa: F811
+    hub_worker: Service,
+    redis_service: RedisServer,  # noqa: F811
+    tmp_path: Path,
+    weights: str,
 ) -> None:
     with make_client(redis_service.url, tmp_path, QUEUE) as client:
         response = submit(client, "resnet18", weights)
