@@ -31,6 +31,8 @@ from workload import Workload
 
 # Seconds a request may take before it counts as an error.
 REQUEST_TIMEOUT_S = 10.0
+# Seconds an idle keep-alive connection may wait before it is closed.
+IDLE_LIMIT_S = 2.0
 ENDPOINTS = ("job", "curves")
 # Requests per endpoint sent one at a time before the load, for a latency
 # without queueing.
@@ -178,23 +180,32 @@ def parse_head(head: bytes) -> tuple[int, int]:
 
 
 class ConnectionPool:
-    """Idle connections, reused last-in first-out; new ones while all are busy."""
+    """Idle connections, reused last-in first-out; new ones while all are busy.
+
+    A connection idle for longer than ``IDLE_LIMIT_S`` is closed rather than
+    reused: the server may have closed it meanwhile (uvicorn's keep-alive
+    timeout is 5 s), and a request sent on it would fail.
+    """
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self.idle: list[Connection] = []
+        self.idle: list[tuple[float, Connection]] = []
         self.opened: list[Connection] = []
 
     async def take(self) -> Connection:
-        if self.idle:
-            return self.idle.pop()
+        now = time.perf_counter()
+        while self.idle:
+            released, connection = self.idle.pop()
+            if now - released < IDLE_LIMIT_S:
+                return connection
+            await connection.close()
         connection = Connection(self.host, self.port)
         self.opened.append(connection)
         return connection
 
     def give_back(self, connection: Connection) -> None:
-        self.idle.append(connection)
+        self.idle.append((time.perf_counter(), connection))
 
     async def close(self) -> None:
         for connection in self.opened:
