@@ -107,10 +107,14 @@ def epoch_batches(
     epoch: int,
     shuffle: bool = True,
     drop_last: bool = True,
+    accumulation_steps: int = 1,
 ) -> list[torch.Tensor]:
     """Split one epoch's order into batches of sample indices.
 
-    With ``drop_last`` every batch is full.
+    With ``drop_last`` every batch is full, and the epoch keeps a multiple of
+    ``accumulation_steps`` batches. So the micro-batches of one optimizer
+    step come from one epoch and never repeat a sample, and they are the
+    same samples as one batch of ``batch_size * accumulation_steps``.
 
     Raises:
         ValueError: the dataset is empty, or ``drop_last`` requests full
@@ -118,11 +122,15 @@ def epoch_batches(
     """
     if num_items < 1:
         raise ValueError("cannot draw batches from an empty dataset")
-    if drop_last and num_items < batch_size:
+    step_size = batch_size * accumulation_steps
+    if drop_last and num_items < step_size:
+        split = ""
+        if accumulation_steps > 1:
+            split = f" ({accumulation_steps} micro-batches of {batch_size})"
         raise ValueError(
-            f"batch size {batch_size} is larger than the {num_items} samples of "
-            "the dataset; a full batch would repeat samples, so use a batch "
-            f"size up to {num_items}"
+            f"batch size {step_size}{split} is larger than the {num_items} "
+            "samples of the dataset; a full batch would repeat samples, so use "
+            f"a batch size up to {num_items}"
         )
     order = (
         epoch_permutation(num_items, seed, epoch)
@@ -130,8 +138,9 @@ def epoch_batches(
         else torch.arange(num_items)
     )
     batches = list(order.split(batch_size))
-    if drop_last and len(batches[-1]) < batch_size:
-        batches.pop()
+    if drop_last:
+        full = num_items // batch_size
+        del batches[full - full % accumulation_steps :]
     return batches
 
 
@@ -151,6 +160,8 @@ class BatchLoader:
         transform: applied on the device, e.g. ``Normalize``.
         channels_last: return 4-D inputs in channels-last memory format.
         workers: DataLoader worker processes for a streamed source.
+        accumulation_steps: micro-batches per optimizer step; with
+            ``drop_last`` each epoch contains a multiple of it.
     """
 
     def __init__(
@@ -165,9 +176,11 @@ class BatchLoader:
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         channels_last: bool = False,
         workers: int = 0,
+        accumulation_steps: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is invalid: it must be >= 1")
+        self.accumulation_steps = accumulation_steps
         self.source = source
         self.batch_size = batch_size
         self.seed = seed
@@ -182,7 +195,8 @@ class BatchLoader:
     def __len__(self) -> int:
         num_items = len(self.source)
         if self.drop_last:
-            return max(1, num_items // self.batch_size)
+            full = num_items // self.batch_size
+            return max(1, full - full % self.accumulation_steps)
         return math.ceil(num_items / self.batch_size)
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
@@ -194,6 +208,7 @@ class BatchLoader:
             epoch=epoch,
             shuffle=self.shuffle,
             drop_last=self.drop_last,
+            accumulation_steps=self.accumulation_steps,
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

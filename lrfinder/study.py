@@ -502,6 +502,7 @@ class _Study:
             # step, so starting worker processes each time would cost more
             # than decoding them here.
             workers=decode_workers(self.settings) if shuffle else 0,
+            accumulation_steps=self.spec.sweep.accumulation_steps if shuffle else 1,
         )
 
     def _validation_batch_size(self) -> int:

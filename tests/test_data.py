@@ -494,6 +494,29 @@ def test_epoch_batches_small_dataset_without_drop_last() -> None:
     assert [batch.tolist() for batch in batches] == [[0, 1, 2, 3, 4]]
 
 
+def test_epoch_batches_keep_whole_optimizer_steps() -> None:
+    micro = epoch_batches(100, 30, seed=5, epoch=0, accumulation_steps=2)
+    whole = epoch_batches(100, 60, seed=5, epoch=0)
+    assert len(micro) == 2
+    assert torch.equal(torch.cat(micro), whole[0])
+
+
+def test_epoch_batches_reject_accumulated_batch_over_dataset() -> None:
+    with pytest.raises(ValueError, match=r"batch size 64 \(4 micro-batches of 16\)"):
+        epoch_batches(50, 16, seed=0, epoch=0, accumulation_steps=4)
+
+
+def test_batch_loader_steps_never_span_epochs() -> None:
+    inputs = torch.arange(100).float().view(100, 1)
+    source = TensorSource(inputs, torch.arange(100))
+    loader = BatchLoader(source, 30, seed=2, accumulation_steps=2)
+    for _ in range(3):
+        labels = [batch_labels for _, batch_labels in loader]
+        steps = [torch.cat(labels[i : i + 2]) for i in range(0, len(labels), 2)]
+        assert len(labels) == len(loader) == 2
+        assert all(len(step.unique()) == 60 for step in steps)
+
+
 def test_batch_loader_epochs_advance() -> None:
     inputs = torch.arange(10).float().view(10, 1)
     loader = BatchLoader(TensorSource(inputs, torch.arange(10)), 4, seed=2)
