@@ -481,6 +481,37 @@ def test_execution_study_error_sets_code(store: Store) -> None:
     assert [run.status for run in failed.runs] == ["failed", "failed"]
 
 
+def test_execution_batch_over_dataset_fails_job(
+    store: Store, tmp_path: Path
+) -> None:
+    # The real study catches what the API cannot count, such as torchvision
+    # datasets without max_images. The synthetic set stands in: it needs no files.
+    from lrfinder.errors import StudyError
+    from lrfinder.study import run_study
+
+    spec = JobSpec(
+        model={"name": "small_cnn"},
+        dataset={"name": "synthetic", "image_size": 16},
+        batch_sizes=[8, 1024],
+        sweep={"num_iter": STEPS},
+    )
+    job = store.create_job(spec)
+    execution = JobExecution(
+        job.id,
+        store=store,
+        settings=Settings(device="cpu", data_root=tmp_path, decode_workers=1),
+        shutdown=threading.Event(),
+        requeue=[].append,
+        run_study=run_study,
+        study_error=StudyError,
+    )
+    execution.run()
+    failed = store.get_job(job.id)
+    assert (failed.status, failed.reason) == ("failed", "batch_size_too_large")
+    assert "batch_sizes[1]=1024 is larger than the 512 training" in failed.error
+    assert store.count_points(job.id, "8-0") == 0
+
+
 def test_execution_unexpected_error_records_type(store: Store) -> None:
     job = store.create_job(SPEC)
     execute(store, job.id, FakeStudy(error=RuntimeError("boom")))
