@@ -56,6 +56,14 @@ class Settings(BaseSettings):
         50 * 2**20, gt=0, description="Image files larger than this are skipped, bytes."
     )
     device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
+    worker_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Niceness a worker gives itself at start (0 to 19; 0 keeps the "
+        "inherited one). A higher value keeps the API and other processes on the "
+        "host responsive while a sweep uses every core.",
+    )
     auth: str = Field(
         "keys",
         description="'keys' requires API keys; 'none' is a single-user mode, loopback only.",

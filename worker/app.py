@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -67,8 +68,32 @@ def _check_device(**_: Any) -> None:
         raise SystemExit(2) from None
 
 
+# Niceness before and after the worker applied LRFINDER_WORKER_NICE; logged
+# once the worker's logging is set up.
+PRIORITY_CHANGE: list[int] = []
+
+
+@signals.worker_init.connect
+def _lower_priority(**_: Any) -> None:
+    # Linux keeps a niceness per thread, and new threads copy their parent's:
+    # it must change before torch starts its compute threads.
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    PRIORITY_CHANGE[:] = [before, lower_priority(get_settings().worker_nice)]
+
+
+def lower_priority(nice: int) -> int:
+    """Raise the calling thread's niceness to ``nice``, never lower it; return it."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        return nice
+    return current
+
+
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any, **_: Any) -> None:
+    if PRIORITY_CHANGE and PRIORITY_CHANGE[0] != PRIORITY_CHANGE[1]:
+        logger.info("worker niceness raised from %d to %d", *PRIORITY_CHANGE)
     presence.start(sender.hostname, send_job=_send_job)
     # Import torch and the study now rather than inside the first job, which
     # would otherwise wait several seconds before its first step.
