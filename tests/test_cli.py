@@ -477,7 +477,12 @@ def test_cli_serve_answers_healthz(env: dict[str, str], tmp_path: Path) -> None:
             exit_code = stop(process)
     # uvicorn shuts down gracefully, then raises the captured SIGTERM again.
     assert exit_code == -signal.SIGTERM
-    assert "Finished server process" in log_path.read_text()
+    log_text = log_path.read_text()
+    assert "Finished server process" in log_text
+    # Each request is logged once, by the API's own line with its duration.
+    healthz_lines = [line for line in log_text.splitlines() if "/healthz" in line]
+    assert healthz_lines
+    assert all(" -> 200 in " in line for line in healthz_lines), healthz_lines
 
 
 def probe(url: str) -> int | None:

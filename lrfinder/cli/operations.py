@@ -57,6 +57,9 @@ def serve(
         port=port or settings.api_port,
         log_level=log_level,
         log_config=serve_log_config(log_level),
+        # The API's middleware logs every request with its id and duration;
+        # uvicorn's own access line would repeat it.
+        access_log=False,
     )
 
 
