@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,43 @@ def describe_machine(bench_python: Path) -> dict[str, Any]:
                                                    "--untracked-files=no")),
         "load_average": list(os.getloadavg()),
     }
+
+
+def busy_cpu_seconds() -> float:
+    """Return the CPU seconds every process on the machine has used so far.
+
+    Read from /proc/stat: user, nice, system, irq and softirq time summed
+    over all cores (idle, iowait and steal excluded).
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """Return the CPU seconds of this process and its finished children."""
+    self_usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (self_usage.ru_utime + self_usage.ru_stime
+            + children.ru_utime + children.ru_stime)
+
+
+class OtherLoad:
+    """Measures how many cores processes outside the benchmark kept busy.
+
+    The machine's busy CPU time over an interval, less the time this process
+    and the children it waited for used, divided by the interval. A row's
+    figure tells whether it ran on a quiet machine. Only children that have
+    ended by ``stop`` are counted as the benchmark's own.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.busy = busy_cpu_seconds()
+        self.own = own_cpu_seconds()
+
+    def stop(self) -> float:
+        """Return the mean number of cores other processes used since start."""
+        seconds = time.perf_counter() - self.started
+        other = (busy_cpu_seconds() - self.busy) - (own_cpu_seconds() - self.own)
+        return max(0.0, other) / seconds if seconds > 0 else 0.0

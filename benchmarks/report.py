@@ -40,6 +40,7 @@ def row_medians(results: dict) -> dict[str, dict[str, float]]:
             "cpu_seconds": median_of(measurements, "cpu_seconds"),
             "best_seconds": min(m["seconds"] for m in measurements),
             "all_seconds": [m["seconds"] for m in measurements],
+            "all_other_cores": [m.get("other_cores") for m in measurements],
         }
     return medians
 
@@ -61,9 +62,10 @@ def main_table(results: dict, medians: dict) -> list[str]:
     lines = [
         "| row | seconds (median) | images/s | peak RSS, MiB | largest loader "
         "worker, MiB | ratio to (1) | CPU seconds | CPU ratio to (1) "
-        "| best repeat, s | best ratio to (1) | every repeat, s |",
+        "| best repeat, s | best ratio to (1) | every repeat, s "
+        "| other processes, cores |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| --- |",
+        "| --- | --- |",
     ]
     for row, label in ROW_LABELS.items():
         if row not in medians:
@@ -79,7 +81,8 @@ def main_table(results: dict, medians: dict) -> list[str]:
             f"{number(ratio(medians, row, 'bare', 'cpu_seconds'))} | "
             f"{figures['best_seconds']:.1f} | "
             f"{number(ratio(medians, row, 'bare', 'best_seconds'))} | "
-            + ", ".join(f"{s:.1f}" for s in figures["all_seconds"]) + " |")
+            + ", ".join(f"{s:.1f}" for s in figures["all_seconds"]) + " | "
+            + ", ".join(number(c) for c in figures["all_other_cores"]) + " |")
     return lines
 
 
@@ -353,7 +356,7 @@ def header(results: dict) -> list[str]:
         f"- machine: {machine['cores']} cores, {machine['cpu']}, "
         f"{machine['memory_gib']} GiB; GPU: {', '.join(machine['gpus']) or 'none'}",
         f"- load average before / after: {machine['load_average'][0]:.2f} / "
-        f"{results['load_average_after'][0]:.2f} (other work shared the machine)",
+        f"{results['load_average_after'][0]:.2f} (the benchmark's own processes count in it)",
         f"- OMP_WAIT_POLICY={results.get('omp_wait_policy', 'unset')} in every "
         "process the benchmark started",
         f"- commit {machine['commit']}"

@@ -32,7 +32,7 @@ import progress_writes
 import report
 import service_row
 from fan_out import measure as measure_fan_out
-from machine import describe_machine
+from machine import OtherLoad, describe_machine
 from workload import (
     REPOSITORY,
     Measurement,
@@ -94,6 +94,8 @@ class Benchmark:
             if row not in MAIN_ROWS:
                 continue
             logger.info("repeat %d: %s", repeat + 1, row)
+            recorded = {name: len(runs) for name, runs in self.results["rows"].items()}
+            other_load = OtherLoad()
             try:
                 self.run_main_row(row, repeat)
             # One failing contender must not lose the measurements of the
@@ -101,6 +103,11 @@ class Benchmark:
             except Exception as error:  # noqa: BLE001
                 self.skip(row, f"failed: {type(error).__name__}: {error}; "
                           f"see {self.logs}")
+            other_cores = other_load.stop()
+            for name, runs in self.results["rows"].items():
+                for measurement in runs[recorded.get(name, 0):]:
+                    measurement["other_cores"] = other_cores
+            logger.info("%s: other processes kept %.2f cores busy", row, other_cores)
             self.save()
 
     def run_main_row(self, row: str, repeat: int) -> None:
