@@ -664,7 +664,7 @@ def test_unreadable_folder_fails_dataset_invalid(
     worker: Service,
     server_root: Path,
 ) -> None:
-    # The folder holds two files, so only batch sizes up to 2 pass submission.
+    # The folder contains two files, so only batch sizes up to 2 pass submission.
     response = submit(
         api,
         keys["alice"],

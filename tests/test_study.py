@@ -350,7 +350,7 @@ def test_study_batch_over_dataset_fails_before_runs(tmp_path: Path) -> None:
 
 
 def test_study_batch_over_builtin_dataset_fails(tmp_path: Path) -> None:
-    # Without max_images the API does not bound the size of this dataset.
+    # Without max_images the check counts all 512 images of the set.
     spec = make_spec(
         dataset={"name": "synthetic", "image_size": 16},
         batch_sizes=[1024],

@@ -485,7 +485,8 @@ def test_execution_batch_over_dataset_fails_job(
     store: Store, tmp_path: Path
 ) -> None:
     # The real study catches what the API cannot count, such as torchvision
-    # datasets without max_images. The synthetic set stands in: it needs no files.
+    # datasets without max_images. The synthetic set is used because it needs
+    # no files.
     from lrfinder.errors import StudyError
     from lrfinder.study import run_study
 

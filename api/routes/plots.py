@@ -51,7 +51,7 @@ def parse_batch_sizes(values: list[str] | None, job: Job) -> list[int] | None:
     """Parse ``64,32`` or repeated values into the job's batch sizes, in its order.
 
     Raises a 400 naming the first entry that is not an integer or not a batch
-    size of the job; no value, or only empty ones, selects every batch size.
+    size of the job. No value, or only empty ones, selects every batch size.
     """
     text = ",".join(values or [])
     parts = [part.strip() for part in text.split(",") if part.strip()]
