@@ -7,6 +7,12 @@ task that died on a Redis error). Once it has stayed lost for a grace period,
 it is cancelled if a cancellation was requested, re-queued while it has
 attempts left, and failed with reason ``worker_lost`` after that.
 
+A fan-out job runs each of its runs as a separate execution, each with a
+lock of its own. A run marked running whose lock expired while the job's
+other runs are alive (they keep the job's heartbeat) lost its worker; once
+it has stayed lost for the grace period it is re-queued on its own, failed,
+or cancelled by the same rules, without waiting for the job's other runs.
+
 A queued job whose message is gone (its worker was killed between taking
 the message and starting the job, or the message could not be sent) gets
 a new message once it has stayed without one for the same grace period.
@@ -55,6 +61,8 @@ class Reaper:
         settings: Heartbeat timing and ``max_attempts``.
         send_job: Sends one ``lrfinder.run_job`` message for a job id; it may
             raise when the broker is unavailable.
+        send_run: Sends the message of one run of a fan-out job (job id, run
+            name). Without it, lost runs wait until the whole job is lost.
         clock: Monotonic clock, seconds; replaceable in tests.
     """
 
@@ -64,16 +72,21 @@ class Reaper:
         settings: Settings,
         send_job: Callable[[str], None],
         *,
+        send_run: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.max_attempts = settings.max_attempts
         self.grace_s = grace_s(settings)
         self.send_job = send_job
+        self.send_run = send_run
         self.clock = clock
-        # Job id -> clock time at which a sweep first found it lost, or
-        # queued without a message.
+        # Job id (or job id and run name) -> clock time at which a sweep
+        # first found it lost, or queued without a message.
         self.lost_since: dict[str, float] = {}
+        self.lost_runs_since: dict[tuple[str, str], float] = {}
+        # Runs re-queued whose message could not be sent yet.
+        self.unsent_runs: set[tuple[str, str]] = set()
         self.unsent_since: dict[str, float] = {}
 
     def sweep(self) -> dict[str, str]:
@@ -81,12 +94,14 @@ class Reaper:
 
         Returns:
             The outcome ("requeued", "failed", "cancelled" or "resent") by
-            job id, for the jobs this sweep acted on.
+            job id, for the jobs this sweep acted on, and by "job id/run
+            name" for the runs of fan-out jobs it acted on.
 
         Raises:
             redis.RedisError: Redis is unavailable; the next sweep tries again.
         """
         outcomes = self.sweep_running()
+        outcomes.update(self.sweep_runs())
         outcomes.update(self.sweep_queued())
         return outcomes
 
@@ -107,6 +122,48 @@ class Reaper:
             if outcome is not None:
                 outcomes[job_id] = outcome
         return outcomes
+
+    def sweep_runs(self) -> dict[str, str]:
+        """Re-queue or end the runs of fan-out jobs lost for the grace period."""
+        if self.send_run is None:
+            return {}
+        for job_id, run_name in sorted(self.unsent_runs):
+            if self._send_run(job_id, run_name):
+                self.unsent_runs.discard((job_id, run_name))
+        now = self.clock()
+        lost = [
+            (job_id, run_name)
+            for job_id in self.store.running_job_ids()
+            for run_name in self.store.find_lost_runs(job_id)
+        ]
+        self.lost_runs_since = {
+            key: self.lost_runs_since.get(key, now) for key in lost
+        }
+        outcomes = {}
+        for (job_id, run_name), since in self.lost_runs_since.items():
+            if now - since < self.grace_s:
+                continue
+            outcome = self.recover_run(job_id, run_name)
+            if outcome is not None:
+                outcomes[f"{job_id}/{run_name}"] = outcome
+        return outcomes
+
+    def recover_run(self, job_id: str, run_name: str) -> str | None:
+        """Re-queue or end one lost run; return the outcome, None if unchanged.
+
+        Unlike a job's, the run's message goes out after the run turns
+        pending. An idle worker would otherwise take it and start the run
+        before the transaction, which would then find the run taken and
+        leave the lost execution uncounted. A message that cannot be sent is
+        sent again on the next sweeps.
+        """
+        outcome = self.store.recover_lost_run(
+            job_id, run_name, max_attempts=self.max_attempts
+        )
+        self._log_run(job_id, run_name, outcome)
+        if outcome == "requeued" and not self._send_run(job_id, run_name):
+            self.unsent_runs.add((job_id, run_name))
+        return outcome
 
     def sweep_queued(self) -> dict[str, str]:
         """Send a new message for each queued job without one for the grace period."""
@@ -141,10 +198,10 @@ class Reaper:
         return outcome
 
     def _needs_message(self, job_id: str) -> bool:
+        if self.store.is_cancel_requested(job_id):
+            return False
         attempts = int(self.store.get_field(job_id, "attempts") or 0)
-        return attempts < self.max_attempts and not self.store.is_cancel_requested(
-            job_id
-        )
+        return attempts < self.max_attempts or self.store.waits_for_runs(job_id)
 
     def _send(self, job_id: str) -> bool:
         # The message goes out before the job turns queued, so a failed send
@@ -163,6 +220,46 @@ class Reaper:
             )
             return False
         return True
+
+    def _send_run(self, job_id: str, run_name: str) -> bool:
+        assert self.send_run is not None
+        try:
+            self.send_run(job_id, run_name)
+        except Exception as error:  # noqa: BLE001 - error types vary by transport
+            logger.error(
+                "job %s: the message of run %s could not be sent (%s: %s); "
+                "retrying on the next sweep",
+                job_id,
+                run_name,
+                type(error).__name__,
+                error,
+            )
+            return False
+        return True
+
+    def _log_run(self, job_id: str, run_name: str, outcome: str | None) -> None:
+        if outcome == "requeued":
+            logger.warning(
+                "job %s: worker of run %s lost; run re-queued (max %d attempts)",
+                job_id,
+                run_name,
+                self.max_attempts,
+            )
+        elif outcome == "failed":
+            logger.error(
+                "job %s: worker of run %s lost and %d attempts spent; "
+                "run failed as worker_lost",
+                job_id,
+                run_name,
+                self.max_attempts,
+            )
+        elif outcome == "cancelled":
+            logger.info(
+                "job %s: worker of run %s lost after a cancel request; "
+                "run cancelled",
+                job_id,
+                run_name,
+            )
 
     def _log(self, job_id: str, outcome: str | None) -> None:
         if outcome == "requeued":

@@ -843,19 +843,197 @@ class Store:
                 return None
             runs = pipe.hgetall(self.job_key(job_id, "runs"))
             states = [RunState.model_validate_json(text) for text in runs.values()]
-            if any(state.status in ("pending", "running") for state in states):
+            if _any_unfinished(states):
                 return None
-            cancelled = pipe.exists(self.job_key(job_id, "cancel"))
-            status, reason, error, partial = _fan_out_outcome(states, bool(cancelled))
+            cancelled = bool(pipe.exists(self.job_key(job_id, "cancel")))
             pipe.multi()
-            self._finish(pipe, job_id, fields, status, reason, error, partial)
-            return status
+            return self._finish_fan_out(pipe, job_id, fields, states, cancelled)
 
         return self.client.transaction(
             transition,
             self.job_key(job_id),
             self.job_key(job_id, "runs"),
             self.job_key(job_id, "cancel"),
+            value_from_callable=True,
+        )
+
+    def _finish_fan_out(
+        self,
+        pipe: Any,
+        job_id: str,
+        fields: dict[str, str],
+        states: list[RunState],
+        cancelled: bool,
+    ) -> str:
+        status, reason, error, partial = _fan_out_outcome(
+            states, cancelled, int(fields.get("attempts", "0"))
+        )
+        self._finish(pipe, job_id, fields, status, reason, error, partial)
+        return status
+
+    def find_lost_runs(self, job_id: str) -> list[str]:
+        """Return the runs of a running fan-out job whose execution went silent.
+
+        A run is lost when it is marked running and no execution holds its
+        lock, while the job still has a heartbeat because another of its
+        runs is alive.
+        Without a heartbeat every execution of the job went silent, and the
+        job as a whole is lost (``is_lost``). Returns [] for other jobs.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.job_key(job_id), "status", "spec")
+        pipe.exists(self.job_key(job_id, "heartbeat"))
+        pipe.hgetall(self.job_key(job_id, "runs"))
+        (status, spec), heartbeat, runs = pipe.execute()
+        if status != "running" or not heartbeat or not _is_fan_out(spec):
+            return []
+        running = [
+            name
+            for name, text in runs.items()
+            if RunState.model_validate_json(text).status == "running"
+        ]
+        pipe = self.client.pipeline(transaction=False)
+        for name in running:
+            pipe.exists(self.lock_key(job_id, name))
+        return [name for name, held in zip(running, pipe.execute()) if not held]
+
+    def waits_for_runs(self, job_id: str) -> bool:
+        """Return True for a fan-out job with pending runs and none running."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.job_key(job_id))
+        pipe.hgetall(self.job_key(job_id, "runs"))
+        fields, runs = pipe.execute()
+        return _waits_for_runs(fields, runs)
+
+    def recover_lost_run(
+        self, job_id: str, run_name: str, *, max_attempts: int
+    ) -> str | None:
+        """End or re-queue one run of a fan-out job whose execution went silent.
+
+        The rules are those of ``recover_lost_job``, for the one run: the
+        transaction watches the job, its runs, its heartbeat, its cancel
+        flag and the run's lock, so an execution that takes the run
+        meanwhile wins and nothing changes. A re-queue counts one of the
+        job's attempts, because the run's next execution is a new one. The
+        run's partial curve stays until that execution starts it again. A
+        run ended here that was the job's last unfinished run gives the job
+        its final status, as ``conclude_fan_out`` would.
+
+        Returns:
+            "cancelled" when a cancellation was requested, "failed" (stop
+            reason ``worker_lost``) when the job's attempts reached
+            ``max_attempts``, and "requeued" otherwise. A re-queued run is
+            pending, and the caller sends its message next. None means that
+            the run is not lost, or that the whole job is lost (see
+            ``recover_lost_job``).
+        """
+
+        def transition(pipe: Any) -> str | None:
+            fields = pipe.hgetall(self.job_key(job_id))
+            if fields.get("status") != "running" or not _is_fan_out(fields["spec"]):
+                return None
+            if not pipe.exists(self.job_key(job_id, "heartbeat")):
+                return None
+            if pipe.exists(self.lock_key(job_id, run_name)):
+                return None
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            text = runs.get(run_name)
+            if text is None:
+                return None
+            state = RunState.model_validate_json(text)
+            if state.status != "running":
+                return None
+
+            cancelled = bool(pipe.exists(self.job_key(job_id, "cancel")))
+            attempts = int(fields.get("attempts", "0"))
+            if cancelled:
+                outcome, status, stop_reason, error = (
+                    "cancelled", "cancelled", "cancelled", None
+                )
+            elif attempts >= max_attempts:
+                outcome, status, stop_reason = "failed", "failed", "worker_lost"
+                error = _lost_message(attempts)
+            else:
+                outcome, status, stop_reason, error = (
+                    "requeued", "pending", "worker_lost", None
+                )
+            state.status = status  # type: ignore[assignment]
+            state.stop_reason = stop_reason  # type: ignore[assignment]
+            state.error = error
+
+            pipe.multi()
+            runs[run_name] = state.model_dump_json()
+            pipe.hset(self.job_key(job_id, "runs"), run_name, runs[run_name])
+            self._add_event(pipe, job_id, "run", _run_event(run_name, state))
+            self._expire_job_keys(pipe, job_id, "runs", "events")
+            if outcome == "requeued":
+                pipe.hset(self.job_key(job_id), "attempts", str(attempts + 1))
+                return outcome
+            states = [RunState.model_validate_json(value) for value in runs.values()]
+            if not _any_unfinished(states):
+                self._finish_fan_out(pipe, job_id, fields, states, cancelled)
+            return outcome
+
+        watched = ("", ":runs", ":heartbeat", ":cancel", f":lock:{run_name}")
+        return self.client.transaction(
+            transition,
+            *(self.job_key(job_id) + suffix for suffix in watched),
+            value_from_callable=True,
+        )
+
+    def interrupt_fan_out_run(self, job_id: str, run_name: str, token: str) -> bool:
+        """Put a run that a shutdown interrupted back to pending and give up its lock.
+
+        When no other run of the job is running or held by an execution,
+        the job goes back to queued too and gets its attempt back, as a
+        sequential job does after a shutdown. The transaction watches every
+        run's lock, so of two executions interrupted at once the last one
+        re-queues the job.
+
+        Returns:
+            True when the job went back to queued.
+        """
+        lock = self.lock_key(job_id, run_name)
+
+        def transition(pipe: Any) -> bool:
+            fields = pipe.hgetall(self.job_key(job_id))
+            runs = pipe.hgetall(self.job_key(job_id, "runs"))
+            others = [self.lock_key(job_id, name) for name in runs if name != run_name]
+            if others:
+                pipe.watch(*others)
+            held_elsewhere = bool(others) and pipe.exists(*others) > 0
+            owned = pipe.get(lock) == token
+            states = {
+                name: RunState.model_validate_json(text) for name, text in runs.items()
+            }
+
+            pipe.multi()
+            state = states.get(run_name)
+            if state is not None and state.status in ("pending", "running"):
+                state.status, state.stop_reason = "pending", "interrupted"
+                text = state.model_dump_json()
+                pipe.hset(self.job_key(job_id, "runs"), run_name, text)
+                self._add_event(pipe, job_id, "run", _run_event(run_name, state))
+                self._expire_job_keys(pipe, job_id, "runs", "events")
+            if owned:
+                pipe.delete(lock)
+
+            running_elsewhere = any(
+                other.status == "running"
+                for name, other in states.items()
+                if name != run_name
+            )
+            if fields.get("status") != "running" or held_elsewhere or running_elsewhere:
+                return False
+            attempts = max(int(fields.get("attempts", "0")) - 1, 0)
+            self._requeue(pipe, job_id, attempts, "interrupted")
+            return True
+
+        return self.client.transaction(
+            transition,
+            self.job_key(job_id),
+            self.job_key(job_id, "runs"),
+            lock,
             value_from_callable=True,
         )
 
@@ -942,6 +1120,10 @@ class Store:
         The transaction watches the job's lock and heartbeat, so an
         execution that takes the job meanwhile wins and nothing changes.
 
+        A fan-out job none of whose runs was running (they all ended or
+        wait, pending, for a worker) lost no execution: it is re-queued
+        with its attempt given back, as after a shutdown.
+
         Returns:
             "cancelled" when a cancellation was requested, "failed" (reason
             ``worker_lost``) when the job's executions reached
@@ -968,6 +1150,12 @@ class Store:
                     pipe, job_id, fields, "cancelled", "cancelled", None, partial
                 )
                 return "cancelled"
+            if _waits_for_runs(fields, runs):
+                # No run of this fan-out job was running, so no execution
+                # was lost: its pending runs wait for a worker, and the job
+                # waits as queued with its attempt given back.
+                self._requeue(pipe, job_id, max(attempts - 1, 0), "interrupted")
+                return "requeued"
             if attempts >= max_attempts:
                 self._fail_lost(pipe, job_id, fields, runs)
                 return "failed"
@@ -1155,14 +1343,39 @@ def _run_event(
     return data
 
 
+def _any_unfinished(states: Iterable[RunState]) -> bool:
+    return any(state.status in ("pending", "running") for state in states)
+
+
+def _is_fan_out(spec_text: str | None) -> bool:
+    if not spec_text:
+        return False
+    return bool(json.loads(spec_text).get("runtime", {}).get("fan_out"))
+
+
+def _waits_for_runs(fields: dict[str, str], runs: dict[str, str]) -> bool:
+    """Return True for a fan-out job with pending runs and none running."""
+    if not _is_fan_out(fields.get("spec")):
+        return False
+    states = [RunState.model_validate_json(text) for text in runs.values()]
+    statuses = {state.status for state in states}
+    return "pending" in statuses and "running" not in statuses
+
+
 def _fan_out_outcome(
-    states: list[RunState], cancelled: bool
+    states: list[RunState], cancelled: bool, attempts: int = 0
 ) -> tuple[str, str | None, str | None, bool]:
-    """Return the status, reason, error and partial flag of an ended fan-out job."""
+    """Return the status, reason, error and partial flag of an ended fan-out job.
+
+    A run failed as ``worker_lost`` fails the job with that reason, as a
+    sequential job fails once its executions were lost too often.
+    """
     succeeded = [state for state in states if state.status == "succeeded"]
     partial = len(succeeded) < len(states)
     if cancelled:
         return "cancelled", "cancelled", None, bool(succeeded)
+    if any(state.stop_reason == "worker_lost" for state in states):
+        return "failed", "worker_lost", _lost_message(attempts), bool(succeeded)
     if succeeded:
         time_limit = any(state.stop_reason == "time_limit" for state in states)
         return "succeeded", "time_limit" if time_limit else None, None, partial

@@ -94,7 +94,7 @@ def lower_priority(nice: int) -> int:
 def _on_worker_ready(sender: Any, **_: Any) -> None:
     if PRIORITY_CHANGE and PRIORITY_CHANGE[0] != PRIORITY_CHANGE[1]:
         logger.info("worker niceness raised from %d to %d", *PRIORITY_CHANGE)
-    presence.start(sender.hostname, send_job=_send_job)
+    presence.start(sender.hostname, send_job=_send_job, send_run=_send_run)
     # Import torch and the study now rather than inside the first job, which
     # would otherwise wait several seconds before its first step.
     started = time.monotonic()
@@ -116,3 +116,7 @@ def _on_worker_shutdown(**_: Any) -> None:
 
 def _send_job(job_id: str, queue: str | None = None) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue or get_settings().queue)
+
+
+def _send_run(job_id: str, run_name: str) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id, run_name], queue=get_settings().queue)

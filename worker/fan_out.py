@@ -9,8 +9,12 @@ and, once its run has ended, calls the store to conclude the job: the store's
 transaction gives the job its final status once, when no run is left.
 
 A run's task that is interrupted (SIGTERM) puts its run back to pending and
-sends its own message again. When every run's execution went silent, the
-job has no heartbeat and no lock, so the reaper re-queues it like any lost
+sends its own message again; when no other run of the job is running, the
+job goes back to queued with its attempt given back. A run whose worker
+died while the job's other runs go on keeps the job's heartbeat alive but
+loses its own lock, and the reaper re-queues or fails that run alone
+(``Reaper.sweep_runs``). When every run's execution went silent, the job has
+no heartbeat and no lock, so the reaper re-queues or fails it like any lost
 job; the job's next message sends the unfinished runs again.
 """
 
@@ -79,6 +83,7 @@ class RunExecution(JobExecution):
     def __init__(self, job_id: str, run_name: str, **options: object) -> None:
         super().__init__(job_id, **options)  # type: ignore[arg-type]
         self.run_name = run_name
+        self.heartbeat: JobHeartbeat | None = None
 
     def run(self) -> str:
         """Run the run if this delivery may; return what happened, in one word."""
@@ -120,6 +125,7 @@ class RunExecution(JobExecution):
             self.settings.heartbeat_interval_s,
             run_name=self.run_name,
         )
+        self.heartbeat = heartbeat
         heartbeat.start()
         try:
             return self._run_study(device, heartbeat.lock_lost)
@@ -148,10 +154,18 @@ class RunExecution(JobExecution):
         return self._call_study(job, [RunKey.parse(self.run_name)], hooks, device)
 
     def _checkpoint(self) -> str:
-        # The job stays running: its other runs go on elsewhere.
-        self.store.close_unfinished_runs(
-            self.job_id, "pending", "interrupted", names=[self.run_name]
+        # The job stays running while its other runs go on elsewhere, and
+        # goes back to queued, its attempt given back, when this was the
+        # last one running. The heartbeat stops first, because a beat would
+        # take the run's lock again and keep another interrupted run of the
+        # job from seeing this one gone.
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        requeued = self.store.interrupt_fan_out_run(
+            self.job_id, self.run_name, self.token
         )
+        if requeued:
+            logger.warning("job %s: re-queued (no run left running)", self.job_id)
         self.send_after_release = True
         return "requeued"
 

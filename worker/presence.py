@@ -93,8 +93,16 @@ def hub_inventory(settings: Settings) -> dict[str, Any]:
     }
 
 
-def start(name: str, send_job: Callable[[str], None]) -> None:
-    """Start the presence thread of the worker named ``name``."""
+def start(
+    name: str,
+    send_job: Callable[[str], None],
+    send_run: Callable[[str, str], None] | None = None,
+) -> None:
+    """Start the presence thread of the worker named ``name``.
+
+    ``send_job`` sends a job's message and ``send_run`` the message of one
+    run of a fan-out job, for the jobs and runs that the reaper re-queues.
+    """
     global _thread
     from worker.execution import resolve_device
 
@@ -107,7 +115,7 @@ def start(name: str, send_job: Callable[[str], None]) -> None:
         "started": time.time(),
     }
 
-    reaper = Reaper(get_store(), settings, send_job)
+    reaper = Reaper(get_store(), settings, send_job, send_run=send_run)
 
     def tick() -> None:
         reaper.sweep()
