@@ -358,7 +358,8 @@ def header(results: dict) -> list[str]:
         f"- load average before / after: {machine['load_average'][0]:.2f} / "
         f"{results['load_average_after'][0]:.2f} (the benchmark's own processes count in it)",
         f"- OMP_WAIT_POLICY={results.get('omp_wait_policy', 'unset')} in every "
-        "process the benchmark started",
+        "process the benchmark started; service workers at niceness "
+        f"{results.get('worker_nice', '0')}",
         f"- commit {machine['commit']}"
         + (" with uncommitted changes" if machine["uncommitted_changes"] else ""),
         f"- workload: resnet18, {workload['image_size']} px, batch sizes "

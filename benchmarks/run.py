@@ -244,6 +244,9 @@ def parse_arguments() -> argparse.Namespace:
                         choices=("PASSIVE", "ACTIVE", "unset"),
                         help="OMP_WAIT_POLICY of every process the benchmark "
                         "starts (default PASSIVE: see docs/benchmarks.md)")
+    parser.add_argument("--worker-nice", type=int, default=None,
+                        help="LRFINDER_WORKER_NICE of the service's workers "
+                        "(default: the product's default, or the environment's)")
     parser.add_argument("--out", type=Path, default=REPOSITORY / "bench-output",
                         help="folder for results.json, benchmarks.md and logs")
     return parser.parse_args()
@@ -298,6 +301,7 @@ def write_report(benchmark: Benchmark, arguments: argparse.Namespace,
                    command=" ".join(sys.argv), quick=arguments.quick,
                    repeats=arguments.repeats,
                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"),
+                   worker_nice=os.environ.get("LRFINDER_WORKER_NICE", "0"),
                    started=started, minutes=(time.time() - started) / 60,
                    load_average_after=list(os.getloadavg()))
     (arguments.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -310,6 +314,9 @@ def main() -> None:
     configure_logging()
     arguments = settle_defaults(parse_arguments())
     set_omp_wait_policy(arguments.omp_wait_policy)
+    if arguments.worker_nice is not None:
+        # The service stacks pass this environment on to their workers.
+        os.environ["LRFINDER_WORKER_NICE"] = str(arguments.worker_nice)
     data = arguments.data.resolve()
     workload = quick_workload(data) if arguments.quick else full_workload(data)
     benchmark = Benchmark(workload, arguments)
