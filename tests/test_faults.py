@@ -24,9 +24,10 @@ import pytest
 
 from api.queue import JobQueue
 from lrfinder.delivery import visibility_timeout_s
+from lrfinder.jobs import Job
 from lrfinder.reaper import grace_s
 from lrfinder.settings import Settings, get_settings
-from lrfinder.spec import JobSpec
+from lrfinder.spec import JobSpec, RuntimeSpec
 from lrfinder.store import Store
 from tests.stack import (  # noqa: F401
     ApiServer,
@@ -167,6 +168,80 @@ def test_sigkill_only_worker_fails_worker_lost(
     )
     assert store.count_points(job_id, "4-0") >= 5
     assert f"job {job_id}: worker lost" in api_log
+
+
+# The fan-out case comes before any test that starts a module's workers,
+# whose reapers would re-queue the lost job on their own queues.
+
+
+@pytest.mark.slow
+def test_fan_out_sigkill_only_worker_fails_worker_lost(
+    store: Store,
+    redis_service: RedisServer,
+    data_root: Path,
+    tmp_path: Path,
+    show_logs_on_failure: list[Service],
+) -> None:
+    env = service_env(
+        redis_service.url, data_root, {**HEARTBEAT, "LRFINDER_MAX_ATTEMPTS": "1"}
+    )
+    spec = sweep_spec(600, runtime=RuntimeSpec(fan_out=True))
+    with api_process(redis_service.url, env, log_dir=tmp_path) as api:
+        show_logs_on_failure.append(api)
+        worker = start_worker(
+            redis_service.url, env, name="alone", queue="alone", log_dir=tmp_path
+        )
+        show_logs_on_failure.append(worker)
+        try:
+            job_id = submit(store, redis_service.url, spec, "alone")
+            # The worker may take either run's message first.
+            job = wait_for_job(
+                store,
+                job_id,
+                lambda job: is_final(job) or second_run_started(store, job),
+                services=(worker,),
+            )
+            under_way = second_run_started(store, job)
+            assert under_way is not None, job.runs
+            finished, killed = under_way
+            finished_curve = store.get_points(job_id, finished)
+            worker.kill()
+        finally:
+            worker.stop()
+        failed = wait_for_job(
+            store, job_id, is_final, timeout_s=LOST_JOB_TIMEOUT_S, services=(api,)
+        )
+        api_log = api.log_text()
+    runs = {f"{run.batch_size}-0": run for run in failed.runs}
+    assert (failed.status, failed.reason, failed.partial) == (
+        "failed",
+        "worker_lost",
+        True,
+    )
+    assert runs[finished].status == "succeeded"
+    assert store.get_points(job_id, finished) == finished_curve
+    assert (runs[killed].status, runs[killed].stop_reason) == (
+        "failed",
+        "worker_lost",
+    )
+    assert store.count_points(job_id, killed) >= 5
+    assert f"job {job_id}: worker lost" in api_log
+
+
+def second_run_started(store: Store, job: Job) -> tuple[str, str] | None:
+    """Return (succeeded run, run with 5 points) once the second run is under way."""
+    names = [f"{run.batch_size}-0" for run in job.runs]
+    succeeded = [
+        name for name, run in zip(names, job.runs) if run.status == "succeeded"
+    ]
+    started = [
+        name
+        for name, run in zip(names, job.runs)
+        if run.status == "running" and store.count_points(job.id, name) >= 5
+    ]
+    if len(succeeded) == 1 and len(started) == 1:
+        return succeeded[0], started[0]
+    return None
 
 
 @pytest.mark.slow
@@ -494,3 +569,172 @@ def test_api_restart_resumes_event_stream(
     assert before + after == stored
     assert job["status"] == "succeeded"
     assert [run["status"] for run in job["runs"]] == ["succeeded", "succeeded"]
+
+
+# Fan-out jobs: each run is a task of its own, on several workers.
+
+FAN_OUT_SPEC = sweep_spec(20000, runtime=RuntimeSpec(fan_out=True))
+
+
+class WorkerPool:
+    """Workers with short heartbeats on one queue; ``ensure`` replaces stopped ones."""
+
+    def __init__(
+        self, redis_url: str, env: dict[str, str], log_dir: Path, size: int = 2
+    ) -> None:
+        self.redis_url = redis_url
+        self.env = env
+        self.log_dir = log_dir
+        self.size = size
+        self.started: list[Service] = []
+
+    @property
+    def alive(self) -> list[Service]:
+        return [worker for worker in self.started if worker.alive()]
+
+    def ensure(self) -> list[Service]:
+        """Start workers until ``size`` run, and wait until each takes tasks."""
+        while len(self.alive) < self.size:
+            worker = start_worker(
+                self.redis_url,
+                self.env,
+                name=f"fan{len(self.started)}",
+                queue="fanout",
+                log_dir=self.log_dir,
+            )
+            self.started.append(worker)
+        for worker in self.alive:
+            # A worker loads the study before its first task, so one that
+            # is still loading would leave every run to the other.
+            wait_until(
+                lambda worker=worker: "study module loaded" in worker.log_text(),
+                timeout_s=120.0,
+                message=f"{worker.name} takes tasks",
+            )
+        return self.alive
+
+    def worker_of(self, store: Store, job_id: str, run_name: str) -> Service:
+        """Return the worker whose process started the run last."""
+        events = store.read_events(job_id, count=100_000)
+        started = [
+            event.data["worker"]
+            for event in events
+            if event.type == "status" and event.data.get("run") == run_name
+        ]
+        pid = int(started[-1].rsplit(":", 1)[1])
+        return next(w for w in self.started if w.process and w.process.pid == pid)
+
+
+@pytest.fixture(scope="module")
+def fan_out_pool(
+    redis_service: RedisServer,
+    data_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WorkerPool]:
+    env = service_env(redis_service.url, data_root, HEARTBEAT)
+    pool = WorkerPool(redis_service.url, env, tmp_path_factory.mktemp("fan-out"))
+    try:
+        yield pool
+    finally:
+        for worker in pool.started:
+            worker.stop()
+
+
+def wait_for_two_runs(store: Store, job_id: str, *services: Service) -> None:
+    wait_for_job(
+        store,
+        job_id,
+        lambda job: (
+            min(store.count_points(job_id, name) for name in ("8-0", "4-0")) >= 5
+            or is_final(job)
+        ),
+        services=services,
+    )
+
+
+@pytest.mark.slow
+def test_fan_out_sigkill_requeues_run_while_other_runs(
+    store: Store,
+    redis_service: RedisServer,
+    fan_out_pool: WorkerPool,
+    show_logs_on_failure: list[Service],
+) -> None:
+    workers = fan_out_pool.ensure()
+    show_logs_on_failure.extend(workers)
+    # The budget ends both sweeps; it leaves the killed run time to run again.
+    spec = FAN_OUT_SPEC.model_copy(update={"time_limit_s": 25.0})
+    job_id = submit(store, redis_service.url, spec, "fanout")
+    wait_for_two_runs(store, job_id, *workers)
+    doomed = fan_out_pool.worker_of(store, job_id, "4-0")
+    survivor = fan_out_pool.worker_of(store, job_id, "8-0")
+    assert doomed is not survivor
+    doomed.kill()
+
+    replacement = next(w for w in fan_out_pool.ensure() if w is not survivor)
+    show_logs_on_failure.append(replacement)
+    restarted = wait_for_job(
+        store,
+        job_id,
+        lambda job: job.runs[1].attempt >= 2 or is_final(job),
+        timeout_s=LOST_JOB_TIMEOUT_S,
+        services=(survivor, replacement),
+    )
+    # The lost run started again while the job's other run still ran.
+    assert restarted.status == "running"
+    assert restarted.runs[0].status == "running"
+
+    done = wait_for_job(
+        store, job_id, is_final, services=(survivor, replacement), timeout_s=120.0
+    )
+    first, second = done.runs
+    assert (done.status, done.reason, done.attempts) == (
+        "succeeded",
+        "time_limit",
+        2,
+    )
+    assert (first.status, first.attempt) == ("succeeded", 1)
+    assert run_starts(store, job_id, "8-0") == 1
+    assert (second.status, second.attempt) == ("succeeded", 2)
+    assert store.count_points(job_id, "4-0") == second.step > 0
+    assert fan_out_pool.worker_of(store, job_id, "4-0") is replacement
+    lost = [
+        event.data
+        for event in store.read_events(job_id, count=100_000)
+        if event.type == "run" and event.data.get("stop_reason") == "worker_lost"
+    ]
+    assert [(event["run"], event["status"]) for event in lost] == [("4-0", "pending")]
+    assert f"job {job_id}: worker of run 4-0 lost; run re-queued" in (
+        survivor.log_text() + replacement.log_text()
+    )
+
+
+@pytest.mark.slow
+def test_fan_out_sigterm_every_worker_requeues_job(
+    store: Store,
+    redis_service: RedisServer,
+    fan_out_pool: WorkerPool,
+    show_logs_on_failure: list[Service],
+) -> None:
+    workers = fan_out_pool.ensure()
+    show_logs_on_failure.extend(workers)
+    spec = sweep_spec(1500, runtime=RuntimeSpec(fan_out=True))
+    job_id = submit(store, redis_service.url, spec, "fanout")
+    wait_for_two_runs(store, job_id, *workers)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        assert worker.wait(timeout_s=60.0), f"{worker.name} ignored SIGTERM"
+    queued = store.get_job(job_id)
+    curves = {name: store.count_points(job_id, name) for name in ("8-0", "4-0")}
+    assert (queued.status, queued.attempts) == ("queued", 0)
+    assert [(run.status, run.stop_reason) for run in queued.runs] == [
+        ("pending", "interrupted")
+    ] * 2
+    assert min(curves.values()) >= 5
+    workers = fan_out_pool.ensure()
+    show_logs_on_failure.extend(workers)
+    done = wait_for_job(store, job_id, is_final, services=tuple(workers))
+    assert (done.status, done.attempts) == ("succeeded", 1), done.error
+    assert [run.attempt for run in done.runs] == [2, 2]
+    for run in done.runs:
+        assert store.count_points(job_id, f"{run.batch_size}-0") == run.step
