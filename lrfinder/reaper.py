@@ -191,17 +191,25 @@ class Reaper:
 
     def recover(self, job_id: str) -> str | None:
         """Re-queue or end one lost job; return the outcome, None if unchanged."""
-        if self._needs_message(job_id) and not self._send(job_id):
+        waiting = self.store.waits_for_runs(job_id)
+        if self._needs_message(job_id, waiting) and not self._send(job_id):
             return None
         outcome = self.store.recover_lost_job(job_id, max_attempts=self.max_attempts)
-        self._log(job_id, outcome)
+        if waiting and outcome == "requeued":
+            logger.warning(
+                "job %s: no run running and no execution alive; "
+                "re-queued with its attempt given back",
+                job_id,
+            )
+        else:
+            self._log(job_id, outcome)
         return outcome
 
-    def _needs_message(self, job_id: str) -> bool:
+    def _needs_message(self, job_id: str, waiting: bool) -> bool:
         if self.store.is_cancel_requested(job_id):
             return False
         attempts = int(self.store.get_field(job_id, "attempts") or 0)
-        return attempts < self.max_attempts or self.store.waits_for_runs(job_id)
+        return attempts < self.max_attempts or waiting
 
     def _send(self, job_id: str) -> bool:
         # The message goes out before the job turns queued, so a failed send

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,7 +439,10 @@ def test_last_interrupted_run_requeues_job(store: Store) -> None:
     assert store.count_points(job_id, "16-0") == 2
 
 
-def test_silent_job_with_only_pending_runs_keeps_attempts(store: Store) -> None:
+def test_silent_job_with_only_pending_runs_keeps_attempts(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="lrfinder.reaper")
     job_id = store.create_job(SPEC).id
     start_runs(store, job_id, "16-0")
     end_run(store, job_id, "16-0")
@@ -449,6 +453,7 @@ def test_silent_job_with_only_pending_runs_keeps_attempts(store: Store) -> None:
     assert reaper.jobs == [job_id]
     job = store.get_job(job_id)
     assert (job.status, job.attempts) == ("queued", 0)
+    assert f"job {job_id}: no run running and no execution alive" in caplog.text
 
 
 def test_lost_run_message_sent_on_later_sweep_after_failure(store: Store) -> None:
