@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 from torchvision import transforms
 
+from lrfinder.allocator import keep_freed_memory
 from workload import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -108,13 +109,23 @@ def measure_steps(workload: Workload, images: torch.Tensor, labels: torch.Tensor
 
 
 def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
+    kept = getattr(arguments, "keep_freed_memory", False) and keep_freed_memory()
     decoding = Stopwatch()
     with decoding:
         images, labels = decode_photos(workload)
     measurement = measure_steps(workload, images, labels)
     measurement.details["decode_seconds_untimed"] = decoding.seconds
+    measurement.details["keeps_freed_memory"] = kept
     return measurement
 
 
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_argument("--keep-freed-memory", action="store_true",
+                         help="apply the worker's glibc malloc settings "
+                         "(lrfinder.allocator) before the loop")
+    return options
+
+
 if __name__ == "__main__":
-    contender_main(measure)
+    contender_main(measure, parser())

@@ -15,6 +15,7 @@ from typing import Any
 
 ROW_LABELS = {
     "bare": "(1) bare PyTorch loop over decoded tensors",
+    "bare_kept": "(1b) bare loop with the worker's malloc settings",
     "engine": "(2) engine in-process (run_study, decoding included)",
     "service": "(3) service end to end, decode cache cold",
     "service_cached": "(3b) service, second identical job (decode cache warm)",
@@ -139,11 +140,13 @@ def target_rows(results: dict, medians: dict) -> list[tuple[str, str, bool | Non
     rows = []
     for row, reference, limit, at_most in (
         ("engine", "bare", 1.03, True), ("service", "bare", 1.05, True),
+        ("service", "bare_kept", 1.05, True),
         ("torch_lr_finder", "service", 1.0, False),
         ("fastai", "service", 1.15, False),
     ):
         sign = "≤" if at_most else "≥"
-        name = f"{ROW_LABELS[row][:3]} / {ROW_LABELS[reference][:3]} {sign} {limit}"
+        name = (f"{ROW_LABELS[row].split()[0]} / {ROW_LABELS[reference].split()[0]} "
+                f"{sign} {limit}")
         for field, basis in (("seconds", "wall"), ("cpu_seconds", "CPU")):
             value = ratio(medians, row, reference, field)
             rows.append((f"{name} ({basis} time, medians)", number(value, 3),

@@ -45,7 +45,7 @@ from workload import (
 logger = logging.getLogger("benchmark")
 
 BENCH_PYTHON = REPOSITORY / ".bench-venv" / "bin" / "python"
-MAIN_ROWS = ("bare", "engine", "service", "torch_lr_finder", "fastai")
+MAIN_ROWS = ("bare", "bare_kept", "engine", "service", "torch_lr_finder", "fastai")
 EXTRA_ROWS = ("paired", "frozen", "compiled", "progress", "load", "fan_out")
 # A measured job that runs longer than this many times the first bare-loop
 # time is treated as stuck.
@@ -114,6 +114,9 @@ class Benchmark:
         name = f"{row}-{repeat + 1}"
         if row == "bare":
             self.record(row, self.contender("bare_loop.py", name))
+        elif row == "bare_kept":
+            self.record(row, self.contender("bare_loop.py", name,
+                                            "--keep-freed-memory"))
         elif row == "engine":
             self.record(row, self.contender("engine_row.py", name,
                                             "--weights-root", str(self.out)))
@@ -260,7 +263,7 @@ def settle_defaults(arguments: argparse.Namespace) -> argparse.Namespace:
     if arguments.load_seconds is None:
         arguments.load_seconds = 10.0 if quick else 60.0
     if arguments.rows is None:
-        quick_rows = MAIN_ROWS[:4] + ("load",)
+        quick_rows = ("bare", "engine", "service", "torch_lr_finder", "load")
         arguments.rows = quick_rows if quick else MAIN_ROWS + EXTRA_ROWS
     else:
         arguments.rows = tuple(arguments.rows.split(","))
