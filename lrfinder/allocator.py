@@ -32,24 +32,37 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1
 TOP_PAD_BYTES = 64 * 2**20
 
 
+_applied = False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory in the process for reuse.
 
-    Returns True when the settings were applied, False on a C library other
+    Returns True when the settings are in effect, False on a C library other
     than glibc (musl, macOS, Windows), where nothing changes. The settings
-    apply to the whole process until it ends.
+    apply to the whole process until it ends; calling again changes nothing.
     """
+    global _applied
+    if _applied:
+        return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     library = ctypes.util.find_library("c")
     if library is None:
         return False
     libc = ctypes.CDLL(library)
-    applied = (
+    _applied = (
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
         and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
         and libc.mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
     )
-    if not applied:
+    if _applied:
+        logger.info("malloc now keeps freed memory between training steps")
+    else:
         logger.warning("glibc rejected the malloc settings; freed memory is returned")
-    return applied
+    return _applied
+
+
+def keeps_freed_memory() -> bool:
+    """Tell whether keep_freed_memory() has changed this process's malloc."""
+    return _applied

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         50 * 2**20, gt=0, description="Image files larger than this are skipped, bytes."
     )
     device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
+    keep_freed_memory: bool = Field(
+        True,
+        description="On the CPU, let glibc's malloc keep freed memory between "
+        "training steps instead of faulting it in again each step. The process "
+        "then keeps its peak memory until it ends.",
+    )
     worker_nice: int = Field(
         0,
         ge=0,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lrfinder import engine
+from lrfinder.allocator import keep_freed_memory
 from lrfinder.batches import BatchLoader, BatchSource
 from lrfinder.data import decode_workers, load_dataset
 from lrfinder.errors import StudyError
@@ -139,6 +140,10 @@ def run_study(
         A StudyResult with one RunResult per run that started. Runs after a
         stop ("cancelled", "interrupted", "time_limit") are not started.
 
+    On the CPU, with ``settings.keep_freed_memory`` (the default), glibc's
+    malloc is set to keep freed memory between steps for the rest of the
+    process (see lrfinder.allocator).
+
     Raises:
         StudyError: before any run, for a bad model, weights, dataset,
             device or accumulation setting, or a batch size larger than the
@@ -150,6 +155,8 @@ def run_study(
     study = _Study(
         spec, settings, hooks or StudyHooks(), resolve_device(device or settings.device)
     )
+    if settings.keep_freed_memory and study.device.type == "cpu":
+        keep_freed_memory()
     with study.backend_flags():
         study.prepare(keys)
         results = study.run_all(keys)

@@ -65,3 +65,38 @@ def test_default_malloc_faults_more() -> None:
     _, kept = faults_per_cycle("keep")
     _, default = faults_per_cycle("plain")
     assert default > kept
+
+
+# Runs a small study on the CPU and prints whether malloc keeps freed memory.
+STUDY_THEN_CHECK = """
+import sys
+from lrfinder.allocator import keeps_freed_memory
+from lrfinder.settings import Settings
+from lrfinder.spec import JobSpec
+from lrfinder.study import run_study
+
+spec = JobSpec.model_validate({
+    "model": {"name": "small_cnn"},
+    "dataset": {"name": "synthetic", "image_size": 16},
+    "batch_sizes": [8],
+    "sweep": {"num_iter": 3},
+})
+settings = Settings(keep_freed_memory=sys.argv[1] == "keep", decode_workers=1)
+print(keeps_freed_memory(), end=" ")
+run_study(spec, settings=settings, device="cpu")
+print(keeps_freed_memory())
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize(("mode", "expected"), [("keep", "False True"), ("off", "False False")])
+def test_study_applies_setting(mode: str, expected: str) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", STUDY_THEN_CHECK, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPOSITORY,
+        check=True,
+    )
+    assert finished.stdout.strip() == expected, finished.stderr[-2000:]

@@ -19,7 +19,6 @@ from typing import Any
 
 from celery import Celery, signals
 
-from lrfinder.allocator import keep_freed_memory
 from lrfinder.delivery import RUN_JOB_TASK, visibility_timeout_s
 from lrfinder.settings import get_settings
 from worker import presence
@@ -72,8 +71,6 @@ def _check_device(**_: Any) -> None:
 # Niceness before and after the worker applied LRFINDER_WORKER_NICE; logged
 # once the worker's logging is set up.
 PRIORITY_CHANGE: list[int] = []
-# Whether glibc's malloc keeps freed memory for reuse (False on other C libraries).
-KEEPS_FREED_MEMORY: list[bool] = []
 
 
 @signals.worker_init.connect
@@ -82,13 +79,6 @@ def _lower_priority(**_: Any) -> None:
     # it must change before torch starts its compute threads.
     before = os.getpriority(os.PRIO_PROCESS, 0)
     PRIORITY_CHANGE[:] = [before, lower_priority(get_settings().worker_nice)]
-
-
-@signals.worker_init.connect
-def _keep_freed_memory(**_: Any) -> None:
-    # A worker runs one training step after another, which free and
-    # allocate the same buffers; see lrfinder.allocator.
-    KEEPS_FREED_MEMORY[:] = [keep_freed_memory()]
 
 
 def lower_priority(nice: int) -> int:
@@ -104,8 +94,6 @@ def lower_priority(nice: int) -> int:
 def _on_worker_ready(sender: Any, **_: Any) -> None:
     if PRIORITY_CHANGE and PRIORITY_CHANGE[0] != PRIORITY_CHANGE[1]:
         logger.info("worker niceness raised from %d to %d", *PRIORITY_CHANGE)
-    if KEEPS_FREED_MEMORY == [True]:
-        logger.info("malloc keeps freed memory for the next training step")
     presence.start(sender.hostname, send_job=_send_job, send_run=_send_run)
     # Import torch and the study now rather than inside the first job, which
     # would otherwise wait several seconds before its first step.

@@ -344,11 +344,8 @@ def prepare_output_folder(out: Path) -> None:
 def run_local_study(
     spec: JobSpec, settings: Settings, device: str | None
 ) -> StudyResult:
-    from lrfinder.allocator import keep_freed_memory
     from lrfinder.study import StudyError, run_study
 
-    # This process runs only the study, so it may keep freed memory.
-    keep_freed_memory()
     with RunBars() as bars:
         hooks = LocalStudyHooks(spec, bars)
         with stop_on_first_interrupt(hooks):
