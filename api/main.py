@@ -7,6 +7,8 @@ then return 503).
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,6 +42,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.queue,
         settings.data_root,
     )
+    # The suggestions need numpy and scipy, whose import takes about a
+    # second; loading them before serving keeps that out of the first
+    # request for curves.
+    await asyncio.to_thread(importlib.import_module, "lrfinder.analysis")
     reaper = start_reaper(app)
     yield
     await stop_reaper(reaper)

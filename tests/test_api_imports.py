@@ -71,6 +71,28 @@ def test_worker_app_import_skips_torch() -> None:
     assert loaded["torch"] is False
 
 
+def test_api_startup_loads_analysis(redis_service: RedisServer) -> None:  # noqa: F811
+    # Suggestions need numpy and scipy; the app loads them before it serves,
+    # so that the first request for curves does not wait for the import.
+    loaded = run_python(
+        f"""
+        import json, sys
+        from fastapi.testclient import TestClient
+        from api.main import create_app
+        from lrfinder.settings import Settings
+        before = "lrfinder.analysis" in sys.modules
+        app = create_app(Settings(redis_url={redis_service.url!r}, auth="none"))
+        with TestClient(app):
+            during = "lrfinder.analysis" in sys.modules
+        print(json.dumps({{"before": before, "during": during,
+                          "torch": "torch" in sys.modules}}))
+        """
+    )
+    assert loaded["before"] is False
+    assert loaded["during"] is True
+    assert loaded["torch"] is False
+
+
 def test_api_requests_skip_torch(redis_service: RedisServer, tmp_path: Path) -> None:
     """Every route, analysis and plots included, runs without loading torch."""
     env = service_env(redis_service.url, make_image_folder(tmp_path / "pets").parent)
