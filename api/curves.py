@@ -88,11 +88,11 @@ class SuggestionCache:
     """Suggestions of runs, kept in memory so that polling stays cheap.
 
     A finished run is identified by its state (status, step, attempt), so a
-    cached answer needs no read of its points. A running run's points grow,
-    so its answer is kept with a fingerprint of the points it came from (how
+    cached result needs no read of its points. A running run's points grow,
+    so its result is kept with a fingerprint of the points it came from (how
     many, and the last one) and is reused only while they are the same: the
     pollers of a running job then share one computation per new point
-    batch. Only the latest answer of each running run is kept.
+    batch. Only the latest result of each running run is kept.
     """
 
     def __init__(self, max_entries: int = 2048) -> None:

@@ -35,7 +35,7 @@ async def get_principal(
     """Authenticate the caller.
 
     A key lookup reads Redis, so it runs in the thread pool; the open mode
-    needs no read and answers on the event loop.
+    needs no read and runs on the event loop.
     """
     if settings.auth == "none":
         principal = local_principal(request)

@@ -109,20 +109,21 @@ def measure_steps(workload: Workload, images: torch.Tensor, labels: torch.Tensor
 
 
 def measure(workload: Workload, arguments: argparse.Namespace) -> Measurement:
-    kept = getattr(arguments, "keep_freed_memory", False) and keep_freed_memory()
+    keeps_freed_memory = (getattr(arguments, "keep_freed_memory", False)
+                          and keep_freed_memory())
     decoding = Stopwatch()
     with decoding:
         images, labels = decode_photos(workload)
     measurement = measure_steps(workload, images, labels)
     measurement.details["decode_seconds_untimed"] = decoding.seconds
-    measurement.details["keeps_freed_memory"] = kept
+    measurement.details["keeps_freed_memory"] = keeps_freed_memory
     return measurement
 
 
 def parser() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--keep-freed-memory", action="store_true",
-                         help="apply the worker's glibc malloc settings "
+                         help="apply the glibc malloc settings of run_study "
                          "(lrfinder.allocator) before the loop")
     return options
 

@@ -120,7 +120,7 @@ class OtherLoad:
 
     The machine's busy CPU time over an interval, less the time this process
     and the children it waited for used, divided by the interval. A row's
-    figure tells whether it ran on a quiet machine. Only children that have
+    figure near 0 means the row ran on a quiet machine. Only children that have
     ended by ``stop`` are counted as the benchmark's own.
     """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 ROW_LABELS = {
     "bare": "(1) bare PyTorch loop over decoded tensors",
-    "bare_kept": "(1b) bare loop with the worker's malloc settings",
+    "bare_kept": "(1b) bare loop with the malloc settings of run_study",
     "engine": "(2) engine in-process (run_study, decoding included)",
     "service": "(3) service end to end, decode cache cold",
     "service_cached": "(3b) service, second identical job (decode cache warm)",
