@@ -146,13 +146,18 @@ def _check_workers_hold(
 def validate_submission(spec: JobSpec, settings: Settings, store: Store) -> None:
     """Raise a 422 naming every field the server cannot run or allow."""
     problems = _check_catalog(spec, settings) + _check_weights_file(spec, settings)
+    problems += [
+        _field(problem.field, problem.value, problem.message)
+        for problem in spec.uneven_accumulation()
+    ]
     problems += _check_hub_weights(spec, settings, store)
     problems += [
         _field(violation.field, violation.value, violation.message)
         for violation in check_limits(spec, settings)
     ]
     if problems:
-        names = ", ".join(problem["field"] for problem in problems)
+        # One field can break several rules; the summary names it once.
+        names = ", ".join(dict.fromkeys(problem["field"] for problem in problems))
         raise ApiError(
             422, "invalid_spec", f"the job spec is invalid: {names}", fields=problems
         )

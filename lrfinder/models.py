@@ -258,7 +258,13 @@ def _build_pretrained(
             network = torchvision.models.get_model(
                 name, weights=weights, progress=False
             )
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if not names_forbidden_global(error):
+            raise StudyError(
+                "weights_invalid",
+                f"the hub cache file {path.name} is not a torch checkpoint; "
+                "ask the administrator to fetch it again",
+            ) from None
         raise StudyError(
             "weights_rejected",
             f"the hub cache file {path.name} needs arbitrary code to load; "
@@ -387,6 +393,16 @@ def resolve_weights_file(relative: str, settings: Settings) -> Path:
     return path
 
 
+def names_forbidden_global(error: pickle.UnpicklingError) -> bool:
+    """Tell whether a weights-only load failed on a class or function it forbids.
+
+    torch (2.14.1) raises UnpicklingError both for such a pickle and for
+    bytes that are no valid pickle; only the first names an "Unsupported
+    global".
+    """
+    return "Unsupported global" in str(error)
+
+
 def read_state_dict(path: Path, relative: str) -> dict[str, torch.Tensor]:
     """Read a state dict from a .safetensors or torch file without running code.
 
@@ -399,7 +415,13 @@ def read_state_dict(path: Path, relative: str) -> dict[str, torch.Tensor]:
         return _read_safetensors(path, relative)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if not names_forbidden_global(error):
+            raise StudyError(
+                "weights_invalid",
+                f"model.weights {relative!r} is not a readable torch file "
+                "(UnpicklingError); " + ACCEPTED_FORMATS,
+            ) from None
         raise StudyError(
             "weights_rejected",
             f"model.weights {relative!r} needs arbitrary code to load (a pickled "

@@ -298,6 +298,26 @@ class JobSpec(StrictModel):
             images -= max(1, round(VALIDATION_FRACTION * images))
         return images
 
+    def uneven_accumulation(self) -> list[FieldProblem]:
+        """List the batch sizes that ``sweep.accumulation_steps`` does not divide.
+
+        Each optimizer step sums equal micro-batches, so every batch size must
+        be a multiple of the number of micro-batches.
+        """
+        steps = self.sweep.accumulation_steps
+        problems = []
+        for index, batch_size in enumerate(self.batch_sizes):
+            if batch_size % steps:
+                field = f"batch_sizes[{index}]"
+                message = (
+                    f"{field}={batch_size} is not a multiple of "
+                    f"sweep.accumulation_steps={steps}: each optimizer step needs "
+                    f"equal micro-batches; use a multiple of {steps} or change "
+                    "sweep.accumulation_steps"
+                )
+                problems.append(FieldProblem(field, batch_size, message))
+        return problems
+
     def oversized_batches(self, dataset_images: int) -> list[FieldProblem]:
         """List the batch sizes larger than the training images of the dataset.
 

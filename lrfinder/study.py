@@ -209,15 +209,8 @@ def _check_runs(spec: JobSpec, runs: list[RunKey] | None) -> list[RunKey]:
             f"runs {unknown} are not runs of this job; its runs are "
             + ", ".join(key.name for key in all_keys)
         )
-    steps = spec.sweep.accumulation_steps
-    for index, batch_size in enumerate(spec.batch_sizes):
-        if batch_size % steps:
-            raise StudyError(
-                "accumulation_invalid",
-                f"batch_sizes[{index}]={batch_size} is not a multiple of "
-                f"sweep.accumulation_steps={steps}: each optimizer step needs "
-                "equal micro-batches",
-            )
+    for problem in spec.uneven_accumulation():
+        raise StudyError("accumulation_invalid", problem.message)
     return keys
 
 

@@ -329,6 +329,33 @@ def test_submit_accumulated_batch_over_max_images_is_422(
     assert "dataset.max_images above 100" in message
 
 
+def test_submit_uneven_accumulation_is_422(
+    client: TestClient, headers: dict, store: Store
+) -> None:
+    spec = {
+        **VALID_SPEC,
+        "batch_sizes": [8, 10],
+        "sweep": {**VALID_SPEC["sweep"], "accumulation_steps": 4},
+    }
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    fields = fields_by_name(response)
+    assert response.status_code == 422
+    assert list(fields) == ["batch_sizes[1]"]
+    assert "not a multiple of sweep.accumulation_steps=4" in fields["batch_sizes[1]"]["message"]
+    assert queued_messages(store) == 0
+
+
+def test_submit_summary_names_field_once(client: TestClient, headers: dict) -> None:
+    # 1798 breaks two rules: the server's largest batch size and the
+    # dataset's 1797 images.
+    spec = {**VALID_SPEC, "batch_sizes": [8, 1798]}
+    response = client.post("/v1/jobs", json=spec, headers=headers)
+    body = response.json()
+    assert response.status_code == 422
+    assert body["error"]["message"].count("batch_sizes[1]") == 1
+    assert len(body["error"]["fields"]) == 2
+
+
 def test_submit_batch_over_validation_split_is_422(
     client: TestClient, headers: dict
 ) -> None:

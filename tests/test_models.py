@@ -207,6 +207,15 @@ def test_hub_weights_pickled_model_rejected(torch_home: Path, tmp_path: Path) ->
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 
+def test_hub_weights_text_file_invalid(torch_home: Path, tmp_path: Path) -> None:
+    (torch_home / "hub" / "checkpoints" / RESNET18_FILE).write_text("not weights\n")
+    spec = ModelSpec(name="resnet18", weights="IMAGENET1K_V1")
+    with pytest.raises(StudyError) as caught:
+        build_model(spec, 3, settings_for(tmp_path))
+    assert caught.value.code == "weights_invalid"
+    assert "is not a torch checkpoint" in caught.value.message
+
+
 def test_hub_weights_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(StudyError) as caught:
         build_model(
@@ -288,6 +297,15 @@ def test_corrupt_weights_file_invalid(tmp_path: Path) -> None:
             ModelSpec(name="small_cnn", weights="broken.safetensors"),
             2,
             settings_for(tmp_path),
+        )
+    assert caught.value.code == "weights_invalid"
+
+
+def test_text_weights_file_invalid(tmp_path: Path) -> None:
+    (tmp_path / "notes.pt").write_text("not weights\n")
+    with pytest.raises(StudyError) as caught:
+        build_model(
+            ModelSpec(name="small_cnn", weights="notes.pt"), 2, settings_for(tmp_path)
         )
     assert caught.value.code == "weights_invalid"
 
