@@ -158,6 +158,7 @@ def validate_submission(spec: JobSpec, settings: Settings, store: Store) -> None
     if problems:
         # One field can break several rules; the summary names it once.
         names = ", ".join(dict.fromkeys(problem["field"] for problem in problems))
+        logger.info("job spec rejected: %s", names)
         raise ApiError(
             422, "invalid_spec", f"the job spec is invalid: {names}", fields=problems
         )

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from tests.stack import (  # noqa: F401
+    CELERY,
     RedisServer,
     redis_service,
     service_env,
@@ -47,6 +48,19 @@ def test_worker_lowers_its_priority(
         assert worker.process is not None
         assert psutil.Process(worker.process.pid).nice() == 7
         assert "worker niceness raised from 0 to 7" in worker.log_text()
+
+
+def test_worker_logs_kept_priority(
+    redis_service: RedisServer, tmp_path: Path  # noqa: F811
+) -> None:
+    env = {"LRFINDER_WORKER_NICE": "5"}
+    launcher = ("nice", "-n", "12", *CELERY)
+    with worker_process(
+        redis_service.url, env, name="kept", log_dir=tmp_path, launcher=launcher
+    ) as worker:
+        assert worker.process is not None
+        assert psutil.Process(worker.process.pid).nice() == 12
+        assert "worker niceness stays 12" in worker.log_text()
 
 
 def test_worker_never_raises_its_priority() -> None:

@@ -68,8 +68,8 @@ def _check_device(**_: Any) -> None:
         raise SystemExit(2) from None
 
 
-# Niceness before and after the worker applied LRFINDER_WORKER_NICE; logged
-# once the worker's logging is set up.
+# Niceness before and after the worker applied LRFINDER_WORKER_NICE, and the
+# value requested; logged once the worker's logging is set up.
 PRIORITY_CHANGE: list[int] = []
 
 
@@ -78,7 +78,8 @@ def _lower_priority(**_: Any) -> None:
     # Linux keeps a niceness per thread, and new threads copy their parent's:
     # it must change before torch starts its compute threads.
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    PRIORITY_CHANGE[:] = [before, lower_priority(get_settings().worker_nice)]
+    requested = get_settings().worker_nice
+    PRIORITY_CHANGE[:] = [before, lower_priority(requested), requested]
 
 
 def lower_priority(nice: int) -> int:
@@ -92,8 +93,17 @@ def lower_priority(nice: int) -> int:
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any, **_: Any) -> None:
-    if PRIORITY_CHANGE and PRIORITY_CHANGE[0] != PRIORITY_CHANGE[1]:
-        logger.info("worker niceness raised from %d to %d", *PRIORITY_CHANGE)
+    if PRIORITY_CHANGE:
+        before, after, requested = PRIORITY_CHANGE
+        if before != after:
+            logger.info("worker niceness raised from %d to %d", before, after)
+        elif 0 < requested < before:
+            logger.info(
+                "worker niceness stays %d: LRFINDER_WORKER_NICE=%d would raise "
+                "the priority, which a worker never does",
+                before,
+                requested,
+            )
     presence.start(sender.hostname, send_job=_send_job, send_run=_send_run)
     # Import torch and the study now rather than inside the first job, which
     # would otherwise wait several seconds before its first step.
