@@ -210,15 +210,15 @@ class BodyCache:
 
 def build_curves(
     store: Store, job: Job, method: str, cache: SuggestionCache
-) -> tuple[list[Curve], dict[str, list[Point]]]:
-    """Return the job's curves (partial while it runs) and the raw points."""
+) -> list[Curve]:
+    """Return the job's curves, partial while it runs."""
     points_by_run = load_points(store, job)
     curves = []
     for state in job.runs:
         points = points_by_run.get(run_name(state), [])
         suggestions = cache.get(job, state, points, method)
         curves.append(build_curve(state, points, suggestions))
-    return curves, points_by_run
+    return curves
 
 
 def finished_run_suggestions(

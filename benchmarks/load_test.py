@@ -80,9 +80,10 @@ class LoadResult:
 
 def generate(base_url: str, job_id: str, rate: float, duration_s: float) -> LoadResult:
     """Send ``rate * duration_s`` requests on schedule and record each one."""
-    host, port = urlsplit(base_url).hostname, urlsplit(base_url).port
+    address = urlsplit(base_url)
     runner = asyncio.run if uvloop is None else uvloop.run
-    return runner(_generate(host or "127.0.0.1", port or 80, job_id, rate, duration_s))
+    return runner(_generate(address.hostname or "127.0.0.1", address.port or 80,
+                            job_id, rate, duration_s))
 
 
 async def _generate(

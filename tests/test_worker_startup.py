@@ -64,7 +64,7 @@ def test_worker_logs_kept_priority(
 
 
 def test_worker_never_raises_its_priority() -> None:
-    # A worker started with `nice -n 12` keeps 12 when the setting asks for less.
+    # A worker started with `nice -n 12` keeps 12 when the setting requests less.
     script = (
         "import os; from worker.app import lower_priority; "
         "print(lower_priority(5), os.getpriority(os.PRIO_PROCESS, 0))"

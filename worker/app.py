@@ -70,16 +70,17 @@ def _check_device(**_: Any) -> None:
 
 # Niceness before and after the worker applied LRFINDER_WORKER_NICE, and the
 # value requested; logged once the worker's logging is set up.
-PRIORITY_CHANGE: list[int] = []
+priority_change: tuple[int, int, int] | None = None
 
 
 @signals.worker_init.connect
 def _lower_priority(**_: Any) -> None:
     # Linux keeps a niceness per thread, and new threads copy their parent's:
     # it must change before torch starts its compute threads.
+    global priority_change
     before = os.getpriority(os.PRIO_PROCESS, 0)
     requested = get_settings().worker_nice
-    PRIORITY_CHANGE[:] = [before, lower_priority(requested), requested]
+    priority_change = (before, lower_priority(requested), requested)
 
 
 def lower_priority(nice: int) -> int:
@@ -93,8 +94,8 @@ def lower_priority(nice: int) -> int:
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any, **_: Any) -> None:
-    if PRIORITY_CHANGE:
-        before, after, requested = PRIORITY_CHANGE
+    if priority_change is not None:
+        before, after, requested = priority_change
         if before != after:
             logger.info("worker niceness raised from %d to %d", before, after)
         elif 0 < requested < before:

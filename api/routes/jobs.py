@@ -21,6 +21,7 @@ from api.curves import (
     build_curves,
     curves_csv,
     finished_run_suggestions,
+    load_points,
 )
 from api.deps import PrincipalDep, SettingsDep, StoreDep
 from api.errors import ApiError, error_responses, not_found
@@ -226,7 +227,8 @@ def get_curves(
     """Read the learning rates and losses of every run, partial while running."""
     job = load_visible_job(store, principal, job_id)
     if format == "csv":
-        _, points_by_run = build_curves(store, job, method, cache)
+        # The CSV has no suggestions, so only the points are read.
+        points_by_run = load_points(store, job)
         return PlainTextResponse(
             curves_csv(job, points_by_run),
             media_type="text/csv",
@@ -235,7 +237,7 @@ def get_curves(
     key = bodies.key(job, method)
     body = bodies.get(key)
     if body is None:
-        curves, _ = build_curves(store, job, method, cache)
+        curves = build_curves(store, job, method, cache)
         content = {
             "job_id": job.id,
             "status": job.status,
@@ -255,7 +257,7 @@ def get_analysis(
 ) -> dict[str, Any]:
     """Analyse the study: suggestions per batch size, noise and scaling fits."""
     job = load_visible_job(store, principal, job_id)
-    curves, _ = build_curves(store, job, "valley", cache)
+    curves = build_curves(store, job, "valley", cache)
     return analyze(job, curves, store.get_gradient_noise(job.id))
 
 

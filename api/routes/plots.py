@@ -89,7 +89,7 @@ def render(
 
     method = options.pop("method")
     size = {key: options.pop(key) for key in ("width", "height", "format")}
-    curves, _ = build_curves(store, job, method or "valley", cache)
+    curves = build_curves(store, job, method or "valley", cache)
     curve_dicts = [curve.model_dump(mode="json") for curve in curves]
     mode = job.spec.sweep.mode
     if name == "loss-vs-lr":
